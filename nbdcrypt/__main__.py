@@ -1,0 +1,5 @@
+"""`python -m nbdcrypt` runs the command line."""
+
+from nbdcrypt.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,593 @@
+"""Read the YAML configuration and turn it into the checked dataclasses of model.py.
+
+This is the only module that knows YAML. It walks the node graph of `yaml.compose` (never the
+constructed Python values), so duplicate keys are seen and every error names the file, the line
+and the key path: `FILE:LINE: devices.disk0.size: message`. Any bad input is a ConfigError.
+The loader reads and stats, and never writes: the server creates missing backing files.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import stat
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn, TypeVar
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from .model import (
+    SECTOR,
+    Config,
+    DeviceConfig,
+    ExportConfig,
+    FileDeviceConfig,
+    Limits,
+    ListenAddress,
+    MemoryDeviceConfig,
+    ServerConfig,
+)
+from .units import MIB, parse_bytes, parse_duration, parse_int, parse_size
+
+__all__ = ["DEFAULT_PORT", "ConfigError", "load_config", "parse_listen", "parse_size"]
+
+DEFAULT_PORT = 10809
+MAX_NAME_BYTES = 4096  # NBD's limit for export names and descriptions
+MAX_SUN_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+
+_T = TypeVar("_T")
+_A = TypeVar("_A")
+_TAG = "tag:yaml.org,2002:"
+_DEVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+_PLANNED = "not supported yet (planned)"
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
+_EXPORT_KEYS = ("device", "readonly", "description", "multi_conn", "default")
+
+
+class ConfigError(Exception):
+    """A bad configuration: `FILE:LINE: KEY.PATH: message` (parts that are unknown are left out)."""
+
+    def __init__(self, file: str | None, line: int | None, path: str, message: str) -> None:
+        super().__init__(file, line, path, message)
+        self.file = file
+        self.line = line
+        self.path = path
+        self.message = message
+
+    def __str__(self) -> str:
+        where = [] if self.file is None else [self.file]
+        if self.file is not None and self.line is not None:
+            where = [f"{self.file}:{self.line}"]
+        text = ": ".join([*where, *([self.path] if self.path else []), self.message])
+        return text.translate(_CONTROL)  # one line, whatever the input held
+
+
+# --- walking the node graph ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    file: str  # as the user named it, for messages
+    base: Path  # absolute directory that relative paths are resolved against
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def _describe(node: Node) -> str:
+    """What a node is, for `expected X, got Y`."""
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    kind = node.tag.removeprefix(_TAG)
+    names = {"null": "null", "str": "a string", "int": "an integer", "float": "a number"}
+    if kind == "null":
+        return "null"
+    if kind == "bool":
+        return f"the boolean {node.value}"
+    name = names.get(kind, f"a {kind}" if node.tag.startswith(_TAG) else f"a value tagged {kind}")
+    return f"{name} {_short(node.value)}"
+
+
+def _join(path: str, key: str) -> str:
+    """`path.key`, quoting keys that are not plain words so the path stays unambiguous."""
+    if not _PLAIN_KEY.match(key):
+        key = json.dumps(key if len(key) <= 40 else key[:37] + "...", ensure_ascii=False)
+    return f"{path}.{key}" if path else key
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """A YAML node and the key path that led to it; typed accessors raise located ConfigErrors."""
+
+    src: _Source
+    node: Node
+    path: str
+    key_line: int | None = None  # line of the key this is the value of
+
+    @property
+    def line(self) -> int:
+        return int(self.node.start_mark.line) + 1
+
+    def fail(self, message: str) -> NoReturn:
+        raise ConfigError(self.src.file, self.line, self.path, message)
+
+    def fail_whole(self, message: str) -> NoReturn:
+        """An error about a mapping as a whole (a key it lacks): at the line of its key."""
+        raise ConfigError(self.src.file, self.key_line or self.line, self.path, message)
+
+    def expect(self, what: str) -> NoReturn:
+        self.fail(f"expected {what}, got {_describe(self.node)}")
+
+    def convert(self, parse: Callable[[_A], _T], value: _A) -> _T:
+        """parse(value), with its ValueError reported at this node."""
+        try:
+            return parse(value)
+        except ValueError as e:
+            self.fail(str(e))
+
+    def scalar(self, tags: Collection[str], what: str) -> str:
+        if not isinstance(self.node, ScalarNode) or self.node.tag not in tags:
+            self.expect(what)
+        return str(self.node.value)
+
+    def string(self) -> str:
+        node = self.node
+        if isinstance(node, ScalarNode) and node.tag not in (_TAG + "str", _TAG + "null"):
+            self.fail(f"expected a string, got {_describe(node)} (put it in quotes)")
+        return self.scalar((_TAG + "str",), "a string")
+
+    def boolean(self) -> bool:
+        text = self.scalar((_TAG + "bool",), "true or false")
+        if text.lower() not in ("true", "false"):
+            self.fail(
+                f"expected true or false, got {_short(text)} (yes/no/on/off are not accepted)"
+            )
+        return text.lower() == "true"
+
+    def integer(self) -> int:
+        return self.convert(parse_int, self.scalar((_TAG + "int",), "an integer"))
+
+    def size(self, parse: Callable[[int | str], int] = parse_size) -> int:
+        """A size: an integer, or a string with a unit ("64M")."""
+        text = self.scalar((_TAG + "int", _TAG + "str"), "a size such as 4096, 64M or 1G")
+        value: int | str = self.integer() if self.node.tag == _TAG + "int" else text
+        return self.convert(parse, value)
+
+    def duration(self) -> float:
+        """Seconds: a number, or a string with a unit ("500ms", "10s", "2m")."""
+        tags = (_TAG + "int", _TAG + "float", _TAG + "str")
+        text = self.scalar(tags, "a duration such as 10, 2.5, 500ms, 10s or 2m")
+        if self.node.tag == _TAG + "int":
+            return self.convert(parse_duration, self.integer())
+        if self.node.tag == _TAG + "float":
+            try:
+                seconds = float(text.replace("_", ""))
+            except ValueError:
+                self.expect("a number of seconds")
+            return self.convert(parse_duration, seconds)
+        return self.convert(parse_duration, text)
+
+    def items(self) -> list[_Item]:
+        """The entries of a list, or this node alone if it is not a list."""
+        if not isinstance(self.node, SequenceNode):
+            return [self]
+        return [_Item(self.src, n, f"{self.path}[{i}]") for i, n in enumerate(self.node.value)]
+
+    def pairs(self) -> Iterator[tuple[str, _Item, _Item]]:
+        """(key text, key item, value item) of a mapping; duplicate and odd keys are errors."""
+        if not isinstance(self.node, MappingNode):
+            self.expect("a mapping")
+        seen: dict[str, int] = {}
+        for key_node, value_node in self.node.value:
+            key = _Item(self.src, key_node, self.path)
+            if not isinstance(key_node, ScalarNode):
+                key.fail(f"a key must be a name, got {_describe(key_node)}")
+            if key_node.tag == _TAG + "merge":
+                key.fail("YAML merge keys (<<) are not supported")
+            text = str(key_node.value)
+            key = _Item(self.src, key_node, _join(self.path, text))
+            if text in seen:
+                key.fail(f"duplicate key (first at line {seen[text]})")
+            seen[text] = key.line
+            yield text, key, _Item(self.src, value_node, key.path, key.line)
+
+    def fields(self, allowed: Sequence[str], planned: Collection[str] = ()) -> _Fields:
+        return _Fields(self, allowed, planned)
+
+
+class _Fields:
+    """A mapping with a fixed set of keys: unknown ones are errors, planned ones are refused."""
+
+    def __init__(self, item: _Item, allowed: Sequence[str], planned: Collection[str]) -> None:
+        self.item = item
+        self._fields: dict[str, tuple[_Item, _Item]] = {}
+        for name, key, value in item.pairs():
+            if name in planned:
+                key.fail(_PLANNED)
+            if name not in allowed:
+                key.fail(f"unknown key (allowed: {', '.join(allowed)})")
+            self._fields[name] = (key, value)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._fields
+
+    def key(self, name: str) -> _Item:
+        return self._fields[name][0]
+
+    def get(self, name: str) -> _Item | None:
+        field = self._fields.get(name)
+        return field[1] if field else None
+
+    def require(self, name: str, why: str = "") -> _Item:
+        value = self.get(name)
+        if value is None:
+            self.item.fail_whole(f"missing key '{name}'{why}")
+        return value
+
+    def opt(self, name: str, convert: Callable[[_Item], _T], default: _T) -> _T:
+        value = self.get(name)
+        return default if value is None else convert(value)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def _read(src: _Source, path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(src.file, None, "", f"cannot read the configuration: {reason}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        message = f"not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})"
+        raise ConfigError(src.file, line, "", message) from None
+
+
+def _yaml_message(e: yaml.MarkedYAMLError) -> str:
+    parts = [e.context or "", e.problem or ""]
+    cmark, pmark = e.context_mark, e.problem_mark
+    if e.context and cmark and pmark and cmark.line != pmark.line:
+        parts[0] += f" (line {cmark.line + 1})"
+    text = "; ".join(p for p in parts if p) or "invalid YAML"
+    return "YAML syntax error: " + " ".join(text.split())
+
+
+def _compose(src: _Source, text: str) -> _Item:
+    """The document's root node; YAML errors become ConfigErrors at the line PyYAML reports."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else None
+        raise ConfigError(src.file, line, "", _yaml_message(e)) from None
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, e.position) + 1
+        message = f"YAML syntax error: character #x{e.character:04x}: {e.reason}"
+        raise ConfigError(src.file, line, "", message) from None
+    except yaml.YAMLError as e:
+        message = "YAML syntax error: " + " ".join(str(e).split())
+        raise ConfigError(src.file, None, "", message) from None
+    except RecursionError:
+        raise ConfigError(src.file, None, "", "YAML nested too deeply") from None
+    if node is None:
+        raise ConfigError(src.file, 1, "", "the configuration is empty")
+    return _Item(src, node, "")
+
+
+# --- listen addresses ------------------------------------------------------------------------
+
+
+def _parse_host(host: str) -> str:
+    if not host:
+        raise ValueError("missing host (use 0.0.0.0 or [::] to listen on all addresses)")
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"invalid IPv4 address {_short(host)}") from None
+    elif len(host) > 253 or not all(
+        _HOST_LABEL.match(p) for p in host.removesuffix(".").split(".")
+    ):
+        raise ValueError(f"invalid host name {_short(host)}")
+    return host
+
+
+def _parse_tcp(rest: str) -> ListenAddress:
+    if rest.startswith("["):
+        host, bracket, tail = rest[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid IPv6 address {_short(host)}") from None
+        if not bracket or (tail and not tail.startswith(":")):
+            raise ValueError("expected tcp://[IPV6]:PORT")
+        port = tail[1:] if tail else None
+    else:
+        if rest.count(":") > 1:
+            raise ValueError("an IPv6 address must be in brackets: tcp://[::1]:10809")
+        host, colon, port_text = rest.partition(":")
+        host = _parse_host(host)
+        port = port_text if colon else None
+    if port is None:
+        return ListenAddress("tcp", host, DEFAULT_PORT)
+    if not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+        raise ValueError(f"invalid port {_short(port)} (expected 0 to 65535)")
+    return ListenAddress("tcp", host, int(port))
+
+
+def _parse_unix(rest: str, base: Path | None) -> ListenAddress:
+    if not rest or rest.endswith("/"):
+        raise ValueError("expected unix:///ABSOLUTE/PATH or unix://RELATIVE/PATH to a socket")
+    if "\0" in rest:
+        raise ValueError("socket path contains a NUL character")
+    path = Path(rest) if rest.startswith("/") else (base or Path.cwd()) / rest
+    try:
+        length = len(os.fsencode(path))
+    except UnicodeEncodeError:
+        raise ValueError("socket path cannot be encoded for the file system") from None
+    if length > MAX_SUN_PATH:
+        raise ValueError(
+            f"socket path {path} is {length} bytes, unix sockets allow at most {MAX_SUN_PATH}"
+        )
+    return ListenAddress("unix", path=path)
+
+
+def parse_listen(url: str, *, base: Path | None = None) -> ListenAddress:
+    """`tcp://HOST[:PORT]` (HOST a name, IPv4 or [IPv6]) or `unix://PATH`; ValueError if bad.
+
+    A relative unix path (`unix://run/x.sock`) is taken relative to base (default: the
+    current directory); the result always holds an absolute path.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"invalid address {_short(url)}: expected tcp://HOST:PORT or unix://PATH")
+    if scheme.lower() == "tcp":
+        return _parse_tcp(rest)
+    if scheme.lower() == "unix":
+        return _parse_unix(rest, base)
+    raise ValueError(f"unsupported scheme {_short(scheme)} (expected tcp:// or unix://)")
+
+
+def _listen_overrides(urls: Sequence[str]) -> tuple[ListenAddress, ...]:
+    result: list[ListenAddress] = []
+    for url in urls:
+        try:
+            address = parse_listen(url)
+        except ValueError as e:
+            raise ConfigError(None, None, "--listen", f"{url}: {e}") from None
+        if address in result:
+            raise ConfigError(None, None, "--listen", f"{url}: given twice")
+        result.append(address)
+    return tuple(result)
+
+
+def _listen(item: _Item) -> tuple[ListenAddress, ...]:
+    entries = item.items()
+    if not entries:
+        item.fail("expected at least one address")
+    seen: dict[ListenAddress, int] = {}
+    base = item.src.base
+    for entry in entries:
+        address = entry.convert(lambda u: parse_listen(u, base=base), entry.string())
+        if address in seen:
+            entry.fail(f"duplicate address (first at line {seen[address]})")
+        seen[address] = entry.line
+    return tuple(seen)
+
+
+# --- sections --------------------------------------------------------------------------------
+
+
+def _tls(item: _Item) -> None:
+    """Only `tls: {mode: off}` for now."""
+    fields = item.fields(("mode",), planned=("certificate", "private_key", "ca"))
+    mode = fields.require("mode")
+    text = mode.scalar((_TAG + "bool", _TAG + "str"), "off")
+    if text in ("allow", "require"):
+        mode.fail(_PLANNED)
+    if text.lower() != "off":
+        mode.fail(f"expected off, got {_short(text)} (allow and require are planned)")
+
+
+def _at_least_one(item: _Item) -> int:
+    value = item.integer()
+    if value < 1:
+        item.fail(f"must be at least 1, got {value}")
+    return value
+
+
+def _timeout(item: _Item) -> float:
+    seconds = item.duration()
+    if seconds <= 0:
+        item.fail("must be greater than 0")
+    return seconds
+
+
+def _inflight(item: _Item) -> int:
+    value = item.size(parse_bytes)
+    if value < MIB:
+        item.fail(f"{value} bytes is too small (at least 1M)")
+    return value
+
+
+def _limits(item: _Item | None) -> Limits:
+    if item is None:
+        return Limits()
+    names = ("max_connections", "handshake_timeout", "max_inflight_bytes", "shutdown_timeout")
+    fields = item.fields(names)
+    default = Limits()
+    return Limits(
+        max_connections=fields.opt(names[0], _at_least_one, default.max_connections),
+        handshake_timeout=fields.opt(names[1], _timeout, default.handshake_timeout),
+        max_inflight_bytes=fields.opt(names[2], _inflight, default.max_inflight_bytes),
+        shutdown_timeout=fields.opt(names[3], _Item.duration, default.shutdown_timeout),
+    )
+
+
+def _server(top: _Fields, override: tuple[ListenAddress, ...]) -> ServerConfig:
+    why = " (the server must listen somewhere; or give --listen)"
+    item = top.get("server")
+    if item is None:
+        if not override:
+            top.require("server", why)
+        return ServerConfig(override)
+    fields = item.fields(("listen", "limits", "tls"), planned=("control", "metrics"))
+    if "tls" in fields:
+        _tls(fields.require("tls"))
+    no_listen: tuple[ListenAddress, ...] = ()
+    listen = fields.opt("listen", _listen, no_listen)
+    if not override:
+        fields.require("listen", why)
+    return ServerConfig(override or listen, _limits(fields.get("limits")))
+
+
+def _existing(path: Path) -> tuple[str, int] | None:
+    """("file" | "block device", size in bytes) of what is at path, or None if nothing is."""
+    try:
+        st = os.stat(path)
+        if stat.S_ISBLK(st.st_mode):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return "block device", os.lseek(fd, 0, os.SEEK_END)
+            finally:
+                os.close(fd)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        raise ValueError(f"cannot use {path}: a parent is not a directory") from None
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ValueError(f"cannot use {path}: {reason}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a special file"
+        raise ValueError(f"{path} is {kind}, not a regular file or block device")
+    return "file", st.st_size
+
+
+def _file_device(name: str, fields: _Fields) -> FileDeviceConfig:
+    item = fields.require("file")
+    text = item.string()
+    if not text or "\0" in text:
+        item.fail("expected a file path" + (" without NUL characters" if text else ""))
+    path = item.src.base / text
+    size_item = fields.get("size")
+    size = size_item.size() if size_item else None
+    existing = item.convert(_existing, path)
+    if existing is None:
+        if size is None:
+            fields.item.fail_whole(
+                f"missing key 'size' (required because {path} does not exist yet)"
+            )
+        return FileDeviceConfig(name, path, size, create=True)
+    kind, actual = existing
+    if size_item is not None and size != actual:
+        size_item.fail(f"existing {kind} is {actual} bytes, config says {size}")
+    if actual == 0 or actual % SECTOR:
+        item.fail(f"existing {kind} {path} is {actual} bytes, not a positive multiple of {SECTOR}")
+    return FileDeviceConfig(name, path, actual, create=False)
+
+
+def _device(name: str, item: _Item) -> DeviceConfig:
+    fields = item.fields(("file", "size", "memory"), planned=("table", "luks", "inline_crypto"))
+    kinds = [kind for kind in ("file", "memory") if kind in fields]
+    if not kinds:
+        item.fail_whole("missing the device kind: 'file: PATH' or 'memory: SIZE'")
+    if len(kinds) > 1:
+        first = fields.key(kinds[0]).line
+        fields.key(kinds[1]).fail(
+            f"a device has one kind; this one is already a file (line {first})"
+        )
+    if kinds[0] == "file":
+        return _file_device(name, fields)
+    if "size" in fields:
+        fields.key("size").fail("only for file devices (write the size as the value: memory: 64M)")
+    return MemoryDeviceConfig(name, fields.require("memory").size())
+
+
+def _devices(item: _Item) -> dict[str, DeviceConfig]:
+    devices: dict[str, DeviceConfig] = {}
+    for name, key, value in item.pairs():
+        if not _DEVICE_NAME.match(name):
+            key.fail(
+                "invalid device name (letters, digits, '_', '.' and '-'; first a letter or digit)"
+            )
+        devices[name] = _device(name, value)
+    if not devices:
+        item.fail("expected at least one device")
+    return devices
+
+
+def _text(what: str) -> Callable[[str], str]:
+    """A check that a string is valid Unicode and at most 4096 bytes in UTF-8."""
+
+    def check(text: str) -> str:
+        try:
+            length = len(text.encode())
+        except UnicodeEncodeError:
+            raise ValueError(f"{what} is not valid Unicode (a lone surrogate)") from None
+        if length > MAX_NAME_BYTES:
+            raise ValueError(f"{what} is {length} bytes in UTF-8, at most {MAX_NAME_BYTES} allowed")
+        return text
+
+    return check
+
+
+def _export(name: str, fields: _Fields, devices: dict[str, DeviceConfig]) -> ExportConfig:
+    device = fields.require("device")
+    if device.string() not in devices:
+        known = ", ".join(devices) or "none"
+        device.fail(f"unknown device {_short(device.string())} (known: {known})")
+    describe = _text("description")
+    return ExportConfig(
+        name=name,
+        device=device.string(),
+        readonly=fields.opt("readonly", _Item.boolean, False),
+        description=fields.opt("description", lambda i: i.convert(describe, i.string()), ""),
+        multi_conn=fields.opt("multi_conn", _Item.boolean, True),
+        default=fields.opt("default", _Item.boolean, False),
+    )
+
+
+def _exports(item: _Item, devices: dict[str, DeviceConfig]) -> dict[str, ExportConfig]:
+    exports: dict[str, ExportConfig] = {}
+    default: tuple[str, int] | None = None
+    for name, key, value in item.pairs():
+        if not name:
+            key.fail("an export name must not be empty (use default: true for the empty name)")
+        key.convert(_text("export name"), name)
+        fields = value.fields(_EXPORT_KEYS, planned=("encryption",))
+        export = exports[name] = _export(name, fields, devices)
+        if export.default and default:
+            again = f"more than one default export (also {_short(default[0])}, line {default[1]})"
+            fields.require("default").fail(again)
+        if export.default:
+            default = (name, fields.require("default").line)
+    if not exports:
+        item.fail("expected at least one export")
+    return exports
+
+
+def load_config(path: Path, *, listen_override: Sequence[str] = ()) -> Config:
+    """Read and check the configuration at path; `listen_override` replaces server.listen."""
+    override = _listen_overrides(listen_override)
+    source = path.absolute()
+    src = _Source(str(path), source.parent)
+    top = _compose(src, _read(src, path)).fields(
+        ("server", "devices", "exports"), planned=("keys", "clients")
+    )
+    server = _server(top, override)
+    devices = _devices(top.require("devices"))
+    return Config(source, server, devices, _exports(top.require("exports"), devices))

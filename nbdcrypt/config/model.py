@@ -1,0 +1,89 @@
+"""The resolved configuration: plain, validated data the rest of the server is built from.
+
+The loader (loader.py) turns YAML into these values and is the only place that knows YAML;
+everything here is already checked (sizes are multiples of 512, names resolve, paths are absolute).
+Later sections (dm tables, keys, TLS, client rules) are added as new fields and new device kinds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SECTOR = 512
+MAX_PAYLOAD = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """`tcp://HOST:PORT` or `unix:///PATH`."""
+
+    scheme: str  # "tcp" | "unix"
+    host: str = ""
+    port: int = 0
+    path: Path | None = None
+
+    def __str__(self) -> str:
+        if self.scheme == "unix":
+            return f"unix://{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-server and per-connection bounds."""
+
+    max_connections: int = 128
+    handshake_timeout: float = 10.0  # seconds from accept to the end of option haggling
+    max_inflight_bytes: int = 64 * 1024 * 1024  # per connection: request payloads + pending replies
+    shutdown_timeout: float = 10.0  # seconds SIGTERM waits for in-flight requests
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: tuple[ListenAddress, ...]
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True, slots=True)
+class FileDeviceConfig:
+    """A backing file; created sparse with `size` when missing."""
+
+    name: str
+    path: Path
+    size: int  # bytes, a multiple of 512
+    create: bool  # the file did not exist at load time and will be created
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryDeviceConfig:
+    """A sparse in-memory device; its contents vanish with the process."""
+
+    name: str
+    size: int
+
+
+DeviceConfig = FileDeviceConfig | MemoryDeviceConfig
+
+
+@dataclass(frozen=True, slots=True)
+class ExportConfig:
+    name: str
+    device: str  # a key of Config.devices
+    readonly: bool = False
+    description: str = ""
+    multi_conn: bool = True  # advertised only if the device can honour it
+    default: bool = False  # served for the empty export name
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: Path  # the YAML file this came from
+    server: ServerConfig
+    devices: dict[str, DeviceConfig]
+    exports: dict[str, ExportConfig]
+
+    @property
+    def default_export(self) -> ExportConfig | None:
+        return next((e for e in self.exports.values() if e.default), None)

@@ -1,0 +1,69 @@
+"""The one interface every block device in a stack implements: backends, mapped devices, targets.
+
+Like nbdkit's plugin/filter interface: a small set of operations plus capability queries. All
+operations are coroutines so a layer may wait (a suspended table, a keyslot, a delay target), but
+the common path of a backend never awaits: the server runs such a request to completion without
+scheduling a task (see server/eager.py). Errors are raised as OSError with an errno; the server
+maps them to NBD errors. Requests reach a device already validated (in range, allowed flags).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+from nbdcrypt.request import Extent, Request
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCaps:
+    """What a device can do; exports advertise exactly this."""
+
+    can_trim: bool = False
+    can_zero: bool = True  # WRITE_ZEROES (always possible by writing zeroes)
+    can_fast_zero: bool = False  # some WRITE_ZEROES can be done without writing zeroes
+    can_cache: bool = False
+    can_multi_conn: bool = False  # a FLUSH on any connection covers every connection's writes
+    can_extents: bool = False  # block_status says more than "all data"
+    rotational: bool = False
+
+
+class Device(abc.ABC):
+    """A block device of `size` bytes."""
+
+    name: str
+    size: int
+    caps: DeviceCaps
+
+    @abc.abstractmethod
+    async def read(self, req: Request) -> bytes | bytearray | memoryview:
+        """Return exactly req.length bytes."""
+
+    @abc.abstractmethod
+    async def write(self, req: Request) -> None:
+        """Write req.data; durable before returning when ReqFlag.FUA is set."""
+
+    @abc.abstractmethod
+    async def flush(self) -> None:
+        """Make every write completed so far durable."""
+
+    @abc.abstractmethod
+    async def trim(self, req: Request) -> None:
+        """Discard a range (advisory: reads afterwards may return old data or zeroes)."""
+
+    @abc.abstractmethod
+    async def write_zeroes(self, req: Request) -> None:
+        """Make a range read as zeroes (may deallocate unless NO_HOLE).
+
+        With FAST_ZERO, fail with ENOTSUP rather than write zeroes slowly.
+        """
+
+    @abc.abstractmethod
+    async def block_status(self, req: Request) -> list[Extent]:
+        """Allocation extents from req.offset, covering at least one byte and at most req.length."""
+
+    async def cache(self, req: Request) -> None:  # noqa: B027 - optional operation
+        """Prefetch a range; a no-op unless the device has something to warm."""
+
+    def close(self) -> None:  # noqa: B027 - optional operation
+        """Release resources (file descriptors); called once at shutdown."""

@@ -1,0 +1,51 @@
+"""An export: a name clients ask for, the top device of a stack, and how it is offered."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nbdcrypt.device import Device
+from nbdcrypt.nbd.constants import MAX_PAYLOAD, TransmissionFlag
+
+PREFERRED_BLOCK = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Export:
+    name: str
+    device: Device
+    readonly: bool = False
+    description: str = ""
+    multi_conn: bool = True
+
+    @property
+    def size(self) -> int:
+        return self.device.size
+
+    @property
+    def block_sizes(self) -> tuple[int, int, int]:
+        """NBD_INFO_BLOCK_SIZE: minimum, preferred, maximum."""
+        return 1, PREFERRED_BLOCK, MAX_PAYLOAD
+
+    def transmission_flags(self, *, structured: bool) -> int:
+        """Exactly what this export can do, as NBD transmission flags."""
+        caps = self.device.caps
+        tf = TransmissionFlag
+        flags = tf.HAS_FLAGS | tf.SEND_FLUSH | tf.SEND_FUA
+        if self.readonly:  # no point offering what would only fail with EPERM
+            flags |= tf.READ_ONLY
+        else:
+            flags |= tf.SEND_WRITE_ZEROES
+            if caps.can_trim:
+                flags |= tf.SEND_TRIM
+            if caps.can_fast_zero:
+                flags |= tf.SEND_FAST_ZERO
+        if caps.can_cache:
+            flags |= tf.SEND_CACHE
+        if caps.rotational:
+            flags |= tf.ROTATIONAL
+        if structured:
+            flags |= tf.SEND_DF
+        if self.multi_conn and caps.can_multi_conn:
+            flags |= tf.CAN_MULTI_CONN
+        return int(flags)

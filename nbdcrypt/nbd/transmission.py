@@ -1,0 +1,312 @@
+"""NBD transmission phase without I/O: requests in (bytes -> commands), replies out (bytes).
+
+Rules of this file: every rule of the spec about which request is valid lives here, applied
+once before any device sees a request: unknown commands and flags, flags that do not belong to
+a command or were not advertised, ranges past the end, writes to a read-only export, lengths
+above the maximum block size. An invalid request becomes a `BadCommand` carrying the error the
+spec names (its payload, if any, is consumed and dropped), so the connection goes on. Only a
+broken framing (bad magic) ends the session, because nothing after it can be trusted.
+
+Hot path: `feed` parses every complete request in one pass over the received bytes. A write's
+payload is a zero-copy view into the received bytes when it arrived whole, else one buffer of
+its final size is filled as the bytes arrive.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from typing import NamedTuple
+
+from nbdcrypt.nbd.constants import (
+    MAX_PAYLOAD,
+    REPLY_FLAG_DONE,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    Cmd,
+    CmdFlag,
+    Errno,
+    ReplyType,
+    TransmissionFlag,
+)
+
+_REQUEST = struct.Struct(">IHHQQI")
+_REQUEST_SIZE = _REQUEST.size  # 28
+_SIMPLE = struct.Struct(">IIQ")
+_CHUNK = struct.Struct(">IHHQI")
+_DATA_CHUNK = struct.Struct(">IHHQIQ")  # chunk header + offset
+_HOLE_CHUNK = struct.Struct(">IHHQIQI")  # chunk header + offset + hole length
+_ERROR_CHUNK = struct.Struct(">IHHQIIH")  # chunk header + error + message length
+_EXTENT = struct.Struct(">II")
+
+_WRITE_LIKE = frozenset((Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES))
+_ENOSPC_PAST_END = frozenset((Cmd.WRITE, Cmd.WRITE_ZEROES))
+_NEEDS_LENGTH = frozenset(
+    (Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES, Cmd.BLOCK_STATUS)
+)
+
+
+class Command(NamedTuple):
+    """A valid request. `payload` is set for WRITE only."""
+
+    cmd: int
+    flags: int
+    handle: int
+    offset: int
+    length: int
+    payload: bytes | bytearray | memoryview | None
+
+
+class BadCommand(NamedTuple):
+    """A request to fail with `error` without touching the export."""
+
+    cmd: int
+    handle: int
+    error: Errno
+    message: str
+
+
+class Disconnect(NamedTuple):
+    """NBD_CMD_DISC: finish what is in flight, then close."""
+
+    handle: int
+
+
+class FramingError(NamedTuple):
+    """The byte stream is no longer a sequence of requests: close the connection."""
+
+    reason: str
+
+
+Event = Command | BadCommand | Disconnect | FramingError
+
+
+def _allowed_flags(tflags: int) -> dict[int, int]:
+    """Command -> the command flags a client may set, given the advertised transmission flags."""
+    fua = CmdFlag.FUA if tflags & TransmissionFlag.SEND_FUA else 0
+    df = CmdFlag.DF if tflags & TransmissionFlag.SEND_DF else 0
+    fast = CmdFlag.FAST_ZERO if tflags & TransmissionFlag.SEND_FAST_ZERO else 0
+    return {
+        Cmd.READ: fua | df,
+        Cmd.WRITE: fua,
+        Cmd.DISC: 0,
+        Cmd.FLUSH: fua,
+        Cmd.TRIM: fua,
+        Cmd.CACHE: fua,
+        Cmd.WRITE_ZEROES: fua | CmdFlag.NO_HOLE | fast,
+        Cmd.BLOCK_STATUS: fua | CmdFlag.REQ_ONE,
+    }
+
+
+def _supported_commands(tflags: int, block_status: bool) -> frozenset[int]:
+    cmds = {Cmd.READ, Cmd.WRITE, Cmd.DISC}
+    optional = (
+        (TransmissionFlag.SEND_FLUSH, Cmd.FLUSH),
+        (TransmissionFlag.SEND_TRIM, Cmd.TRIM),
+        (TransmissionFlag.SEND_CACHE, Cmd.CACHE),
+        (TransmissionFlag.SEND_WRITE_ZEROES, Cmd.WRITE_ZEROES),
+    )
+    cmds.update(cmd for flag, cmd in optional if tflags & flag)
+    if block_status:
+        cmds.add(Cmd.BLOCK_STATUS)
+    return frozenset(cmds)
+
+
+class RequestParser:
+    """Turns the client's bytes into validated commands for one export."""
+
+    def __init__(
+        self,
+        *,
+        size: int,
+        transmission_flags: int,
+        block_status: bool,
+        min_block: int = 1,
+        max_payload: int = MAX_PAYLOAD,
+    ) -> None:
+        self.size = size
+        self.readonly = bool(transmission_flags & TransmissionFlag.READ_ONLY)
+        self.min_block = min_block
+        self.max_payload = max_payload
+        self._allowed = _allowed_flags(transmission_flags)
+        self._supported = _supported_commands(transmission_flags, block_status)
+        self._block_status = block_status
+        self._tail = b""  # an incomplete request header
+        self._payload: bytearray | None = None  # a write payload being filled
+        self._filled = 0
+        self._header: tuple[int, int, int, int, int] | None = None  # cmd, flags, handle, off, len
+        self._drop = 0  # bytes of a refused write's payload still to skip
+        self._drop_event: BadCommand | None = None
+        self.closed = False
+
+    @property
+    def pending_payload(self) -> int:
+        """Bytes of a partly received write payload held by the parser."""
+        return 0 if self._payload is None else len(self._payload)
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Parse `data` (appended to what came before) into events, in order."""
+        events: list[Event] = []
+        if self.closed:
+            return events
+        view = memoryview(data)
+        pos = 0
+        if self._payload is not None or self._drop:
+            pos = self._continue_payload(view, events)
+            if pos < 0:
+                return events
+        if self._tail:
+            need = _REQUEST_SIZE - len(self._tail)
+            if len(data) - pos < need:
+                self._tail += data[pos:]
+                return events
+            data = self._tail + data[pos:]
+            self._tail = b""
+            view = memoryview(data)
+            pos = 0
+        end = len(data)
+        unpack = _REQUEST.unpack_from
+        while end - pos >= _REQUEST_SIZE:
+            magic, flags, cmd, handle, offset, length = unpack(data, pos)
+            pos += _REQUEST_SIZE
+            if magic != REQUEST_MAGIC:
+                self.closed = True
+                events.append(FramingError(f"bad request magic {magic:#x}"))
+                return events
+            if cmd == Cmd.WRITE:
+                error = self._check(cmd, flags, handle, offset, length)
+                if end - pos >= length and error is None:
+                    events.append(
+                        Command(cmd, flags, handle, offset, length, view[pos : pos + length])
+                    )
+                    pos += length
+                    continue
+                if error is not None:
+                    skip = min(length, end - pos)
+                    pos += skip
+                    if skip < length:
+                        self._drop, self._drop_event = length - skip, error
+                        return events
+                    events.append(error)
+                    continue
+                payload = bytearray(length)
+                have = end - pos
+                payload[:have] = view[pos:end]
+                self._payload, self._filled = payload, have
+                self._header = (cmd, flags, handle, offset, length)
+                return events
+            error = self._check(cmd, flags, handle, offset, length)
+            if error is not None:
+                events.append(error)
+            elif cmd == Cmd.DISC:
+                events.append(Disconnect(handle))
+            else:
+                events.append(Command(cmd, flags, handle, offset, length, None))
+        if pos < end:
+            self._tail = bytes(view[pos:end])
+        return events
+
+    def _continue_payload(self, view: memoryview, events: list[Event]) -> int:
+        """Consume the rest of a split write payload; -1 if `view` was not enough."""
+        if self._drop:
+            take = min(self._drop, len(view))
+            self._drop -= take
+            if self._drop:
+                return -1
+            assert self._drop_event is not None
+            events.append(self._drop_event)
+            self._drop_event = None
+            return take
+        payload = self._payload
+        assert payload is not None and self._header is not None
+        take = min(len(payload) - self._filled, len(view))
+        payload[self._filled : self._filled + take] = view[:take]
+        self._filled += take
+        if self._filled < len(payload):
+            return -1
+        cmd, flags, handle, offset, length = self._header
+        events.append(Command(cmd, flags, handle, offset, length, payload))
+        self._payload, self._header = None, None
+        return take
+
+    def _check(
+        self, cmd: int, flags: int, handle: int, offset: int, length: int
+    ) -> BadCommand | None:
+        """The spec's error for an invalid request, or None."""
+        if cmd in _WRITE_LIKE and self.readonly:
+            return BadCommand(cmd, handle, Errno.EPERM, "the export is read-only")
+        if cmd not in self._supported:
+            if cmd == Cmd.BLOCK_STATUS and not self._block_status:
+                return BadCommand(cmd, handle, Errno.EINVAL, "no metadata context was negotiated")
+            return BadCommand(cmd, handle, Errno.EINVAL, f"command {cmd} is not supported")
+        if flags & ~self._allowed[cmd]:
+            return BadCommand(cmd, handle, Errno.EINVAL, f"flags {flags:#x} are not valid here")
+        if cmd in _NEEDS_LENGTH:
+            if length == 0:
+                return BadCommand(cmd, handle, Errno.EINVAL, "zero-length request")
+            if offset + length > self.size:
+                err = Errno.ENOSPC if cmd in _ENOSPC_PAST_END else Errno.EINVAL
+                return BadCommand(cmd, handle, err, "request goes past the end of the export")
+            if (offset | length) & (self.min_block - 1):
+                return BadCommand(
+                    cmd, handle, Errno.EINVAL, "request is not aligned to the block size"
+                )
+            if length > self.max_payload and cmd in (Cmd.READ, Cmd.WRITE):
+                return BadCommand(
+                    cmd, handle, Errno.EINVAL, "request is larger than the block size limit"
+                )
+        return None
+
+
+# Replies ------------------------------------------------------------------------------------
+
+
+def simple_reply(handle: int, error: int = 0) -> bytes:
+    return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, error, handle)
+
+
+def data_chunk_header(handle: int, offset: int, length: int, *, done: bool = True) -> bytes:
+    """OFFSET_DATA chunk header; `length` bytes of data follow it."""
+    flags = REPLY_FLAG_DONE if done else 0
+    return _DATA_CHUNK.pack(
+        STRUCTURED_REPLY_MAGIC, flags, ReplyType.OFFSET_DATA, handle, length + 8, offset
+    )
+
+
+def hole_chunk(handle: int, offset: int, length: int, *, done: bool = True) -> bytes:
+    flags = REPLY_FLAG_DONE if done else 0
+    return _HOLE_CHUNK.pack(
+        STRUCTURED_REPLY_MAGIC, flags, ReplyType.OFFSET_HOLE, handle, 12, offset, length
+    )
+
+
+def none_chunk(handle: int) -> bytes:
+    return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.NONE, handle, 0)
+
+
+def error_chunk(handle: int, error: int, message: str = "") -> bytes:
+    raw = message.encode()[:4096]
+    return (
+        _ERROR_CHUNK.pack(
+            STRUCTURED_REPLY_MAGIC,
+            REPLY_FLAG_DONE,
+            ReplyType.ERROR,
+            handle,
+            6 + len(raw),
+            error,
+            len(raw),
+        )
+        + raw
+    )
+
+
+def block_status_chunk(handle: int, context_id: int, extents: Iterable[tuple[int, int]]) -> bytes:
+    body = b"".join(_EXTENT.pack(length, flags) for length, flags in extents)
+    return (
+        _CHUNK.pack(
+            STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.BLOCK_STATUS, handle, 4 + len(body)
+        )
+        + context_id.to_bytes(4, "big")
+        + body
+    )

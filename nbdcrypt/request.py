@@ -1,0 +1,84 @@
+"""The unit of I/O that travels down a stack, like the kernel's bio.
+
+A request is built once per NBD command by the server and handed to the export's top device.
+Layers below may remap (`remapped`) or split (`split`) it; they never mutate a request they
+did not create. Later issues attach a crypt context here, which travels with the request.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, IntFlag
+from typing import NamedTuple
+
+
+class Op(IntEnum):
+    """What a request asks for (the values are NBD's command numbers)."""
+
+    READ = 0
+    WRITE = 1
+    FLUSH = 3
+    TRIM = 4
+    CACHE = 5
+    WRITE_ZEROES = 6
+    BLOCK_STATUS = 7
+
+
+class ReqFlag(IntFlag):
+    """Request modifiers. The values equal NBD's command flags, so the server passes them as is."""
+
+    NONE = 0
+    FUA = 1 << 0  # durable before the reply
+    NO_HOLE = 1 << 1  # WRITE_ZEROES: keep the range allocated
+    FAST_ZERO = 1 << 4  # WRITE_ZEROES: fail with ENOTSUP rather than write zeroes slowly
+
+
+class Extent(NamedTuple):
+    """A run of `length` bytes with the base:allocation state `flags` (HOLE=1, ZERO=2)."""
+
+    length: int
+    flags: int
+
+
+EXTENT_DATA = 0
+EXTENT_HOLE = 1
+EXTENT_ZERO = 2
+
+
+class Request:
+    """One I/O: `op` on [offset, offset + length), with `data` for writes."""
+
+    __slots__ = ("data", "flags", "length", "offset", "op")
+
+    def __init__(
+        self,
+        op: Op,
+        offset: int,
+        length: int,
+        flags: ReqFlag = ReqFlag.NONE,
+        data: bytes | bytearray | memoryview | None = None,
+    ) -> None:
+        self.op = op
+        self.offset = offset
+        self.length = length
+        self.flags = flags
+        self.data = data
+
+    def remapped(self, offset: int) -> Request:
+        """The same I/O addressed at `offset` of the device below."""
+        return Request(self.op, offset, self.length, self.flags, self.data)
+
+    def split(self, head: int) -> tuple[Request, Request]:
+        """Cut into the first `head` bytes and the rest (0 < head < length)."""
+        data = self.data
+        first = Request(self.op, self.offset, head, self.flags, None)
+        rest = Request(self.op, self.offset + head, self.length - head, self.flags, None)
+        if data is not None:
+            view = memoryview(data)
+            first.data = view[:head]
+            rest.data = view[head:]
+        return first, rest
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.op.name}, offset={self.offset}, length={self.length}, {self.flags!r})"
+        )

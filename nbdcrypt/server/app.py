@@ -1,0 +1,194 @@
+"""The running server: builds devices and exports from a Config, listens, and shuts down cleanly.
+
+Shutdown (SIGTERM/SIGINT): stop accepting; every connection refuses new requests with
+ESHUTDOWN, finishes what is in flight and closes (after the client's DISC or a short grace);
+then every device is flushed to stable storage and closed. Exit status 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import stat
+from dataclasses import dataclass, field
+
+from nbdcrypt.backends.file import FileDevice
+from nbdcrypt.backends.memory import MemoryDevice
+from nbdcrypt.config.model import (
+    Config,
+    DeviceConfig,
+    FileDeviceConfig,
+    Limits,
+    ListenAddress,
+    MemoryDeviceConfig,
+)
+from nbdcrypt.device import Device
+from nbdcrypt.export import Export
+from nbdcrypt.server.connection import Connection
+
+log = logging.getLogger("nbdcrypt.server")
+
+
+@dataclass
+class ServerState:
+    """What every connection shares: the exports, the limits, and who is connected."""
+
+    exports: dict[str, Export]
+    default_export: str | None
+    limits: Limits
+    connections: set[Connection] = field(default_factory=set)
+    serial: int = 0  # connections accepted so far, to tell unix-socket peers apart in logs
+
+    def next_serial(self) -> int:
+        self.serial += 1
+        return self.serial
+
+    def find_export(self, name: str) -> Export | None:
+        if name == "" and self.default_export is not None:
+            name = self.default_export
+        return self.exports.get(name)
+
+    def register(self, conn: Connection) -> bool:
+        """Track a new connection; False if it is over the connection limit."""
+        self.connections.add(conn)
+        return len(self.connections) <= self.limits.max_connections
+
+    def unregister(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+
+
+def open_device(cfg: DeviceConfig) -> Device:
+    if isinstance(cfg, FileDeviceConfig):
+        return FileDevice(cfg.name, cfg.path, cfg.size, create=cfg.create)
+    if isinstance(cfg, MemoryDeviceConfig):
+        return MemoryDevice(cfg.name, cfg.size)
+    raise TypeError(f"unknown device kind {type(cfg).__name__}")
+
+
+def build_exports(config: Config, devices: dict[str, Device]) -> dict[str, Export]:
+    return {
+        name: Export(
+            name=name,
+            device=devices[e.device],
+            readonly=e.readonly,
+            description=e.description,
+            multi_conn=e.multi_conn,
+        )
+        for name, e in config.exports.items()
+    }
+
+
+class Server:
+    """Owns the devices, listeners and connections of one configuration."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.devices: dict[str, Device] = {}
+        self._listeners: list[asyncio.Server] = []
+        self._unix_paths: list[str] = []
+        self._stop = asyncio.Event()
+        try:
+            for name, dev_cfg in config.devices.items():
+                self.devices[name] = open_device(dev_cfg)
+        except BaseException:
+            self.close_devices()
+            raise
+        default = config.default_export
+        self.state = ServerState(
+            exports=build_exports(config, self.devices),
+            default_export=default.name if default else None,
+            limits=config.server.limits,
+        )
+
+    async def start(self) -> None:
+        for address in self.config.server.listen:
+            self._listeners.append(await self._listen(address))
+            log.info("listening on %s", address)
+
+    async def _listen(self, address: ListenAddress) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        label = str(address)
+        backlog = min(self.state.limits.max_connections, 1024)
+
+        def factory() -> Connection:
+            return Connection(self.state, label)
+
+        if address.scheme == "unix":
+            assert address.path is not None
+            path = str(address.path)
+            _remove_stale_socket(path)
+            address.path.parent.mkdir(parents=True, exist_ok=True)
+            server = await loop.create_unix_server(factory, path, backlog=backlog)
+            self._unix_paths.append(path)
+            return server
+        return await loop.create_server(
+            factory, address.host or None, address.port, backlog=backlog, reuse_address=True
+        )
+
+    @property
+    def addresses(self) -> list[str]:
+        """Where the server listens, with real port numbers (for port 0)."""
+        found = []
+        for server in self._listeners:
+            for sock in server.sockets:
+                name = sock.getsockname()
+                if isinstance(name, tuple):
+                    found.append(f"tcp://{name[0]}:{name[1]}")
+                else:
+                    found.append(f"unix://{name}")
+        return found
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve_until_stopped(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self.start()
+        log.info("ready: %d export(s): %s", len(self.state.exports), ", ".join(self.state.exports))
+        await self._stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        log.info("shutting down: %d connection(s) open", len(self.state.connections))
+        for server in self._listeners:
+            server.close()
+        for path in self._unix_paths:
+            _remove_stale_socket(path)
+        conns = list(self.state.connections)
+        for conn in conns:
+            conn.begin_shutdown()
+        if conns:
+            await asyncio.wait(
+                [asyncio.ensure_future(c.wait_closed()) for c in conns],
+                timeout=self.state.limits.shutdown_timeout,
+            )
+            for conn in list(self.state.connections):
+                log.warning("%s: still busy at the shutdown timeout, closing", conn.peer)
+                if conn.transport is not None:
+                    conn.transport.abort()
+        await self._flush_devices()
+        self.close_devices()
+        log.info("stopped")
+
+    async def _flush_devices(self) -> None:
+        for name, device in self.devices.items():
+            try:
+                await device.flush()
+            except OSError as exc:
+                log.error("device %s: final flush failed: %s", name, exc)
+
+    def close_devices(self) -> None:
+        for device in self.devices.values():
+            device.close()
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,493 @@
+"""One client connection: bytes between socket and NBD codec, requests to the export.
+
+It is an asyncio Protocol, not a stream: requests are parsed in data_received and each is run
+with server/eager.py, so a request that never waits costs no task. Replies go out in
+completion order. Memory is bounded by pausing reads while the payloads held plus the replies
+queued for the socket exceed the connection's cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, cast
+
+from nbdcrypt.nbd import handshake as hs
+from nbdcrypt.nbd.constants import (
+    STATE_ZERO,
+    Cmd,
+    CmdFlag,
+    Errno,
+    Rep,
+    wire_errno,
+)
+from nbdcrypt.nbd.transmission import (
+    BadCommand,
+    Command,
+    Disconnect,
+    FramingError,
+    RequestParser,
+    block_status_chunk,
+    data_chunk_header,
+    error_chunk,
+    hole_chunk,
+    simple_reply,
+)
+from nbdcrypt.request import Extent, Op, ReqFlag, Request
+from nbdcrypt.server import eager
+
+if TYPE_CHECKING:
+    from nbdcrypt.export import Export
+    from nbdcrypt.server.app import ServerState
+
+log = logging.getLogger("nbdcrypt.connection")
+
+SPARSE_READ_MIN = 64 * 1024  # structured reads this large report holes as OFFSET_HOLE chunks
+_SHUTDOWN_GRACE = 2.0  # seconds a shutting-down connection waits for the client's DISC
+_PASS_FLAGS = int(ReqFlag.FUA | ReqFlag.NO_HOLE | ReqFlag.FAST_ZERO)
+
+
+class Connection(asyncio.Protocol):
+    """The server side of one NBD session."""
+
+    def __init__(self, state: ServerState, listener: str) -> None:
+        self.state = state
+        self.listener = listener
+        self.peer = "?"
+        self.export: Export | None = None
+        self.transport: asyncio.Transport | None = None
+        self._handshake: hs.ServerHandshake | None = hs.ServerHandshake()
+        self._parser: RequestParser | None = None
+        self._structured = False
+        self._handlers: dict[int, Callable[[Command], Coroutine[Any, Any, None]]] = {}
+        self._inflight = 0
+        self._held = 0  # payload bytes held by requests in flight
+        self._reading_paused = False
+        self._writing_paused = False
+        self._disconnecting = False
+        self._shutting_down = False
+        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._timer: asyncio.TimerHandle | None = None
+        self._opened = time.monotonic()
+        self.requests = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.over_limit = False
+
+    # asyncio callbacks ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            host, port = transport.get_extra_info("peername")[:2]
+            self.peer = f"{host}:{port}"
+        else:
+            self.peer = f"{self.listener}#{self.state.next_serial()}"
+        transport.set_write_buffer_limits(high=self.state.limits.max_inflight_bytes // 2)
+        self.over_limit = not self.state.register(self)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.state.limits.handshake_timeout, self._handshake_expired)
+        assert self._handshake is not None
+        transport.write(self._handshake.data_to_send())
+        log.debug("%s: connected", self.peer)
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is not None:
+            self._on_events(parser.feed(data))
+        elif self._handshake is not None:
+            self._handshake.receive_data(data)
+            self._drive_handshake()
+
+    def eof_received(self) -> bool | None:
+        self._disconnecting = True
+        self._close_when_idle()
+        return True  # keep the write side open until in-flight replies are sent
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disconnecting = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self.state.unregister(self)
+        if not self._closed.done():
+            self._closed.set_result(None)
+        if self.export is not None:
+            log.info(
+                "%s: closed export %r after %.1fs: %d requests, %d bytes read, %d written%s",
+                self.peer,
+                self.export.name,
+                time.monotonic() - self._opened,
+                self.requests,
+                self.bytes_read,
+                self.bytes_written,
+                f" ({exc})" if exc else "",
+            )
+        else:
+            log.debug("%s: closed during the handshake%s", self.peer, f" ({exc})" if exc else "")
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._update_reading()
+
+    # Handshake ------------------------------------------------------------------------------
+
+    def _drive_handshake(self) -> None:
+        machine = self._handshake
+        assert machine is not None and self.transport is not None
+        while True:
+            event = machine.next_event()
+            if event is hs.NEED_DATA:
+                break
+            started = self._on_option(machine, event)
+            out = machine.data_to_send()
+            if out:
+                self.transport.write(out)
+            if started is not None:
+                self._enter_transmission(started)
+                return
+            if machine.state is hs.State.CLOSED:
+                self.transport.close()
+                return
+
+    def _on_option(
+        self, machine: hs.ServerHandshake, event: object
+    ) -> hs.TransmissionStarted | None:
+        if isinstance(event, hs.ProtocolError):
+            log.info("%s: handshake refused: %s", self.peer, event.reason)
+            return None
+        if isinstance(event, hs.OptionAnswered | hs.Aborted):
+            return None
+        if self.over_limit or self._shutting_down:
+            why = "the server is shutting down" if self._shutting_down else "too many connections"
+            rep = Rep.ERR_SHUTDOWN if self._shutting_down else Rep.ERR_POLICY
+            machine.reply_error(rep, why)
+            return None
+        if isinstance(event, hs.ListExports):
+            machine.reply_list((e.name, e.description) for e in self.state.exports.values())
+        elif isinstance(event, hs.StartTLSRequest):
+            machine.reply_error(Rep.ERR_POLICY, "TLS is not configured on this server")
+        elif isinstance(event, hs.MetaContextRequest):
+            if self.state.find_export(event.export) is None:
+                machine.reply_error(Rep.ERR_UNKNOWN, f"unknown export {event.export!r}")
+            else:
+                machine.reply_meta_context()
+        elif isinstance(event, hs.ExportInfoRequest):
+            return self._on_info(machine, event)
+        elif isinstance(event, hs.ExportNameRequest):
+            export = self.state.find_export(event.name)
+            if export is None:
+                log.info("%s: EXPORT_NAME %r: no such export, closing", self.peer, event.name)
+                machine.reply_error(Rep.ERR_UNKNOWN, "")
+                return None
+            self.export = export
+            flags = export.transmission_flags(structured=machine.structured_replies)
+            return machine.reply_export_name(size=export.size, flags=flags)
+        return None
+
+    def _on_info(
+        self, machine: hs.ServerHandshake, event: hs.ExportInfoRequest
+    ) -> hs.TransmissionStarted | None:
+        export = self.state.find_export(event.name)
+        if export is None:
+            machine.reply_error(Rep.ERR_UNKNOWN, f"unknown export {event.name!r}")
+            return None
+        if event.go:
+            self.export = export
+        return machine.reply_info(
+            name=export.name,
+            size=export.size,
+            flags=export.transmission_flags(structured=machine.structured_replies),
+            description=export.description,
+            block_sizes=export.block_sizes,
+        )
+
+    def _enter_transmission(self, started: hs.TransmissionStarted) -> None:
+        export = self.export
+        assert export is not None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._handshake = None
+        neg = started.negotiated
+        self._structured = neg.structured_replies
+        self._parser = RequestParser(
+            size=export.size,
+            transmission_flags=export.transmission_flags(structured=neg.structured_replies),
+            block_status=neg.base_allocation,
+            min_block=export.block_sizes[0],
+        )
+        self._handlers = {
+            Cmd.READ: self._read,
+            Cmd.WRITE: self._write,
+            Cmd.FLUSH: self._flush,
+            Cmd.TRIM: self._trim,
+            Cmd.WRITE_ZEROES: self._write_zeroes,
+            Cmd.CACHE: self._cache,
+            Cmd.BLOCK_STATUS: self._block_status,
+        }
+        log.info(
+            "%s: opened export %r (%d bytes%s%s)",
+            self.peer,
+            export.name,
+            export.size,
+            ", structured replies" if neg.structured_replies else "",
+            ", base:allocation" if neg.base_allocation else "",
+        )
+        if started.trailing:
+            self.data_received(started.trailing)
+
+    def _handshake_expired(self) -> None:
+        self._timer = None
+        if self._parser is None and self.transport is not None:
+            log.info("%s: handshake not finished in time, closing", self.peer)
+            self.transport.abort()
+
+    # Transmission ---------------------------------------------------------------------------
+
+    def _on_events(self, events: list[Any]) -> None:
+        for event in events:
+            if type(event) is Command:
+                self.requests += 1
+                if self._shutting_down:
+                    self._send_error(event.cmd, event.handle, Errno.ESHUTDOWN, "shutting down")
+                    continue
+                try:
+                    eager.start(self._handlers[event.cmd](event))
+                except Exception:  # a bug below us: fail the request, keep serving
+                    log.exception("%s: request %s failed", self.peer, event[:5])
+                    self._send_error(event.cmd, event.handle, Errno.EIO, "internal error")
+            elif type(event) is BadCommand:
+                self.requests += 1
+                log.debug("%s: refused %s", self.peer, event)
+                self._send_error(event.cmd, event.handle, event.error, event.message)
+            elif type(event) is Disconnect:
+                self._disconnecting = True
+                if self.transport is not None:
+                    self.transport.pause_reading()
+                self._close_when_idle()
+                return
+            elif type(event) is FramingError:
+                log.info("%s: %s, closing", self.peer, event.reason)
+                if self.transport is not None:
+                    self.transport.abort()
+                return
+        self._update_reading()
+
+    def _send(self, data: bytes | bytearray | memoryview) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def _send_error(self, cmd: int, handle: int, error: int, message: str) -> None:
+        if self._structured:
+            self._send(error_chunk(handle, error, message))
+        else:  # a failed READ's simple reply carries no data, as the client expects
+            self._send(simple_reply(handle, error))
+
+    def _fail(self, c: Command, exc: BaseException) -> None:
+        if isinstance(exc, OSError):
+            err = wire_errno(exc.errno)
+            log.debug("%s: %s failed: %s", self.peer, Cmd(c.cmd).name, exc)
+            self._send_error(c.cmd, c.handle, err, exc.strerror or str(exc))
+        else:
+            log.error("%s: %s failed", self.peer, Cmd(c.cmd).name, exc_info=exc)
+            self._send_error(c.cmd, c.handle, Errno.EIO, "internal error")
+
+    def _begin(self, held: int = 0) -> None:
+        self._inflight += 1
+        if held:
+            self._held += held
+
+    def _end(self, held: int = 0) -> None:
+        self._inflight -= 1
+        if held:
+            self._held -= held
+            self._update_reading()
+        if self._inflight == 0 and (self._disconnecting or self._shutting_down):
+            self._close_when_idle()
+
+    async def _read(self, c: Command) -> None:
+        self._begin()
+        try:
+            device = self.export.device  # type: ignore[union-attr]
+            if self._structured and c.length >= SPARSE_READ_MIN and device.caps.can_extents:
+                await self._read_sparse(c)
+                return
+            data = await device.read(Request(Op.READ, c.offset, c.length))
+            self.bytes_read += c.length
+            if self._structured:
+                header = data_chunk_header(c.handle, c.offset, c.length)
+            else:
+                header = simple_reply(c.handle)
+            if c.length <= 65536:
+                self._send(header + data)
+            else:
+                self._send(header)
+                self._send(data)
+        except Exception as exc:
+            self._fail(c, exc)
+        finally:
+            self._end()
+
+    async def _read_sparse(self, c: Command) -> None:
+        """A structured read that sends holes as OFFSET_HOLE chunks instead of zeroes."""
+        device = self.export.device  # type: ignore[union-attr]
+        extents = await self._extents_covering(c.offset, c.length)
+        segments = _merge_zero_runs(c.offset, extents)
+        if c.flags & CmdFlag.DF and len(segments) > 1:
+            segments = [(c.offset, c.length, False)]
+        last = len(segments) - 1
+        for i, (offset, length, zero) in enumerate(segments):
+            if zero:
+                self._send(hole_chunk(c.handle, offset, length, done=i == last))
+                continue
+            data = await device.read(Request(Op.READ, offset, length))
+            self._send(data_chunk_header(c.handle, offset, length, done=i == last))
+            self._send(data)
+        self.bytes_read += c.length
+
+    async def _extents_covering(self, offset: int, length: int) -> list[Extent]:
+        device = self.export.device  # type: ignore[union-attr]
+        extents: list[Extent] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            got = await device.block_status(Request(Op.BLOCK_STATUS, pos, end - pos))
+            if not got:
+                extents.append(Extent(end - pos, 0))
+                break
+            for ext in got:
+                take = min(ext.length, end - pos)
+                extents.append(Extent(take, ext.flags))
+                pos += take
+                if pos >= end:
+                    break
+        return extents
+
+    async def _write(self, c: Command) -> None:
+        held = c.length
+        self._begin(held)
+        try:
+            flags = ReqFlag(c.flags & _PASS_FLAGS)
+            await self.export.device.write(Request(Op.WRITE, c.offset, c.length, flags, c.payload))  # type: ignore[union-attr]
+            self.bytes_written += c.length
+            self._send(simple_reply(c.handle))
+        except Exception as exc:
+            self._fail(c, exc)
+        finally:
+            self._end(held)
+
+    async def _flush(self, c: Command) -> None:
+        self._begin()
+        try:
+            await self.export.device.flush()  # type: ignore[union-attr]
+            self._send(simple_reply(c.handle))
+        except Exception as exc:
+            self._fail(c, exc)
+        finally:
+            self._end()
+
+    async def _trim(self, c: Command) -> None:
+        await self._ranged(c, Op.TRIM)
+
+    async def _write_zeroes(self, c: Command) -> None:
+        await self._ranged(c, Op.WRITE_ZEROES)
+
+    async def _cache(self, c: Command) -> None:
+        await self._ranged(c, Op.CACHE)
+
+    async def _ranged(self, c: Command, op: Op) -> None:
+        self._begin()
+        try:
+            device = self.export.device  # type: ignore[union-attr]
+            req = Request(op, c.offset, c.length, ReqFlag(c.flags & _PASS_FLAGS))
+            if op is Op.TRIM:
+                await device.trim(req)
+            elif op is Op.WRITE_ZEROES:
+                await device.write_zeroes(req)
+            else:
+                await device.cache(req)
+            self._send(simple_reply(c.handle))
+        except Exception as exc:
+            self._fail(c, exc)
+        finally:
+            self._end()
+
+    async def _block_status(self, c: Command) -> None:
+        self._begin()
+        try:
+            device = self.export.device  # type: ignore[union-attr]
+            if device.caps.can_extents:
+                extents = await device.block_status(Request(Op.BLOCK_STATUS, c.offset, c.length))
+            else:
+                extents = [Extent(c.length, 0)]
+            if c.flags & CmdFlag.REQ_ONE:
+                first = extents[0]
+                extents = [Extent(min(first.length, c.length), first.flags)]
+            self._send(block_status_chunk(c.handle, hs.BASE_ALLOCATION_ID, extents))
+        except Exception as exc:
+            self._fail(c, exc)
+        finally:
+            self._end()
+
+    # Flow control and closing ---------------------------------------------------------------
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self._disconnecting:
+            return
+        parser = self._parser
+        held = self._held + (parser.pending_payload if parser is not None else 0)
+        pause = self._writing_paused or held >= self.state.limits.max_inflight_bytes
+        if pause and not self._reading_paused:
+            self._reading_paused = True
+            transport.pause_reading()
+        elif not pause and self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+
+    def _close_when_idle(self) -> None:
+        if self._inflight == 0 and self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def begin_shutdown(self) -> None:
+        """Refuse new requests with ESHUTDOWN; close when idle after DISC or a short grace."""
+        self._shutting_down = True
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._parser is None:
+            transport.close()  # still haggling: nothing acknowledged to protect
+            return
+        asyncio.get_running_loop().call_later(_SHUTDOWN_GRACE, self._force_close_when_idle)
+
+    def _force_close_when_idle(self) -> None:
+        self._disconnecting = True
+        self._close_when_idle()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
+
+
+def _merge_zero_runs(offset: int, extents: list[Extent]) -> list[tuple[int, int, bool]]:
+    """Extents -> (offset, length, reads-as-zero) segments with neighbours of one kind joined."""
+    segments: list[tuple[int, int, bool]] = []
+    pos = offset
+    for ext in extents:
+        zero = ext.flags & STATE_ZERO == STATE_ZERO
+        if segments and segments[-1][2] == zero:
+            start, length, _ = segments[-1]
+            segments[-1] = (start, length + ext.length, zero)
+        else:
+            segments.append((pos, ext.length, zero))
+        pos += ext.length
+    return segments

@@ -1,0 +1,58 @@
+"""Run a coroutine to completion right now when it never waits; hand it to a task only if it does.
+
+Most requests finish without awaiting anything (a page-cache read, a pwrite), and an asyncio
+Task per request would cost more than the I/O itself. `start` steps the coroutine once, as
+Python 3.12's eager task factory does: if it finished, nothing was scheduled; if it waited,
+the rest of it runs in a Task that first waits on what the coroutine was waiting for.
+
+Caveat: until its first real wait, the coroutine runs outside any Task, so code on that path
+must not rely on asyncio.current_task() (asyncio.timeout() does; Locks, Events, futures don't).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Generator
+from typing import Any
+
+
+class _Resume:
+    """An awaitable that re-yields what a started coroutine waits for, and drives it on."""
+
+    __slots__ = ("_coro", "_yielded")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], yielded: object) -> None:
+        self._coro = coro
+        self._yielded = yielded
+
+    def __await__(self) -> Generator[Any, None, None]:
+        coro, value = self._coro, self._yielded
+        while True:
+            try:
+                yield value
+            except BaseException as exc:  # cancellation, thrown in by the task
+                try:
+                    value = coro.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    value = coro.send(None)
+                except StopIteration:
+                    return
+
+
+async def _finish(resume: _Resume) -> None:
+    await resume
+
+
+def start(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+    """Run `coro` until it first waits; None if it finished, else the task that finishes it.
+
+    An exception raised before the first wait propagates to the caller.
+    """
+    try:
+        yielded = coro.send(None)
+    except StopIteration:
+        return None
+    return asyncio.get_running_loop().create_task(_finish(_Resume(coro, yielded)))

@@ -1,0 +1,138 @@
+"""Shared fixtures: run a real `nbdcrypt serve` process and find the real clients."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_tcp_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class RunningServer:
+    """A `nbdcrypt serve` child process listening on a unix socket and a loopback TCP port."""
+
+    proc: subprocess.Popen[bytes]
+    config_path: Path
+    socket_path: Path
+    port: int
+    log_path: Path
+    stopped: bool = field(default=False)
+
+    def uri(self, export: str = "", *, tcp: bool = False) -> str:
+        """An NBD URI as libnbd and qemu take it."""
+        if tcp:
+            return f"nbd://127.0.0.1:{self.port}/{export}"
+        return f"nbd+unix:///{export}?socket={self.socket_path}"
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal the server by pid and wait for it; returns its exit status."""
+        if not self.stopped and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"server did not exit within {timeout}s:\n{self.log}") from None
+        self.stopped = True
+        return code
+
+
+def _wait_ready(server: RunningServer, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise AssertionError(f"server exited with {server.proc.returncode}:\n{server.log}")
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=1):
+                pass
+            if server.socket_path.exists():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    server.proc.kill()
+    raise AssertionError(f"server not ready within {timeout}s:\n{server.log}")
+
+
+StartServer = Callable[..., RunningServer]
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[StartServer]:
+    """Factory: start_server(yaml_text, *extra_args) -> RunningServer, stopped at teardown.
+
+    The YAML is written to tmp_path/nbdcrypt.yaml (relative paths in it are relative to
+    tmp_path); the listen addresses are given on the command line.
+    """
+    servers: list[RunningServer] = []
+
+    def start(config: str, *extra: str, name: str = "nbdcrypt") -> RunningServer:
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(config)
+        sock = tmp_path / f"{name}.sock"
+        port = free_tcp_port()
+        log = tmp_path / f"{name}.log"
+        cmd = [
+            sys.executable, "-m", "nbdcrypt", "serve", "-c", str(cfg),
+            "--listen", f"unix://{sock}", "--listen", f"tcp://127.0.0.1:{port}",
+            "--log-level", "debug", *extra,
+        ]  # fmt: skip
+        with log.open("wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        server = RunningServer(proc, cfg, sock, port, log)
+        servers.append(server)
+        _wait_ready(server)
+        return server
+
+    yield start
+    for server in servers:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+
+
+def require_tool(name: str) -> str:
+    """The path of a real client; a missing one is an install bug, so it fails, never skips."""
+    path = shutil.which(name)
+    if path is None:
+        raise AssertionError(f"{name} is not installed: run ./scripts/test, which installs it")
+    return path
+
+
+def run(cmd: list[str], *, timeout: float = 120, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run a client, capture its output; on failure the assertion shows what it printed."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{cmd!r} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
+    return proc  # type: ignore[no-any-return]
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # python3-libnbd is installed for Debian's Python only
+
+os.environ.setdefault("LIBNBD_DEBUG", "0")
