@@ -100,8 +100,10 @@ def _describe(node: Node) -> str:
 
 def _join(path: str, key: str) -> str:
     """`path.key`, quoting keys that are not plain words so the path stays unambiguous."""
+    if len(key) > 40:
+        key = key[:37] + "..."
     if not _PLAIN_KEY.match(key):
-        key = json.dumps(key if len(key) <= 40 else key[:37] + "...", ensure_ascii=False)
+        key = json.dumps(key, ensure_ascii=False)
     return f"{path}.{key}" if path else key
 
 
@@ -308,11 +310,13 @@ def _parse_host(host: str) -> str:
 def _parse_tcp(rest: str) -> ListenAddress:
     if rest.startswith("["):
         host, bracket, tail = rest[1:].partition("]")
+        if not bracket:
+            raise ValueError("missing ']' after the IPv6 address")
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise ValueError(f"invalid IPv6 address {_short(host)}") from None
-        if not bracket or (tail and not tail.startswith(":")):
+        if tail and not tail.startswith(":"):
             raise ValueError("expected tcp://[IPV6]:PORT")
         port = tail[1:] if tail else None
     else:

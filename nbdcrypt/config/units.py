@@ -42,8 +42,8 @@ def parse_bytes(value: int | str) -> int:
         unit = match[2].lower() if match else ""
         if match is None or unit not in _SIZE_UNITS:
             raise ValueError(
-                f"invalid size {value!r} (expected a number of bytes, or a whole number with a"
-                " unit: K, M, G, T or KiB, MiB, GiB, TiB)"
+                f"invalid size {value!r} (expected bytes, or a whole number with K, M, G, T,"
+                " KiB, MiB, GiB or TiB)"
             )
         value = parse_int(match[1]) * _SIZE_UNITS[unit]
     if value <= 0:

@@ -47,6 +47,11 @@ _NEEDS_LENGTH = frozenset(
 )
 
 
+_make = tuple.__new__  # builds a NamedTuple without its Python-level __new__ (hot path)
+_WRITE = int(Cmd.WRITE)
+_DISC = int(Cmd.DISC)
+
+
 class Command(NamedTuple):
     """A valid request. `payload` is set for WRITE only."""
 
@@ -87,7 +92,7 @@ def _allowed_flags(tflags: int) -> dict[int, int]:
     fua = CmdFlag.FUA if tflags & TransmissionFlag.SEND_FUA else 0
     df = CmdFlag.DF if tflags & TransmissionFlag.SEND_DF else 0
     fast = CmdFlag.FAST_ZERO if tflags & TransmissionFlag.SEND_FAST_ZERO else 0
-    return {
+    allowed = {
         Cmd.READ: fua | df,
         Cmd.WRITE: fua,
         Cmd.DISC: 0,
@@ -97,6 +102,7 @@ def _allowed_flags(tflags: int) -> dict[int, int]:
         Cmd.WRITE_ZEROES: fua | CmdFlag.NO_HOLE | fast,
         Cmd.BLOCK_STATUS: fua | CmdFlag.REQ_ONE,
     }
+    return {int(cmd): int(flags) for cmd, flags in allowed.items()}
 
 
 def _supported_commands(tflags: int, block_status: bool) -> frozenset[int]:
@@ -132,6 +138,7 @@ class RequestParser:
         self._allowed = _allowed_flags(transmission_flags)
         self._supported = _supported_commands(transmission_flags, block_status)
         self._block_status = block_status
+        self._fast = self._fast_rules()
         self._tail = b""  # an incomplete request header
         self._payload: bytearray | None = None  # a write payload being filled
         self._filled = 0
@@ -139,6 +146,17 @@ class RequestParser:
         self._drop = 0  # bytes of a refused write's payload still to skip
         self._drop_event: BadCommand | None = None
         self.closed = False
+
+    def _fast_rules(self) -> dict[int, tuple[int, int]]:
+        """Command -> (flags it must not carry, longest length) for requests that need no
+        further check when in range and aligned; the rest go through _check."""
+        rules = {}
+        for cmd in self._supported & _NEEDS_LENGTH:
+            if cmd in _WRITE_LIKE and self.readonly:
+                continue
+            longest = self.max_payload if cmd in (Cmd.READ, Cmd.WRITE) else 0xFFFFFFFF
+            rules[int(cmd)] = (~self._allowed[cmd] & 0xFFFF, longest)
+        return rules
 
     @property
     def pending_payload(self) -> int:
@@ -167,42 +185,55 @@ class RequestParser:
             pos = 0
         end = len(data)
         unpack = _REQUEST.unpack_from
+        fast = self._fast
+        size, misaligned = self.size, self.min_block - 1
+        append = events.append
         while end - pos >= _REQUEST_SIZE:
             magic, flags, cmd, handle, offset, length = unpack(data, pos)
             pos += _REQUEST_SIZE
             if magic != REQUEST_MAGIC:
                 self.closed = True
-                events.append(FramingError(f"bad request magic {magic:#x}"))
+                append(FramingError(f"bad request magic {magic:#x}"))
                 return events
-            if cmd == Cmd.WRITE:
-                error = self._check(cmd, flags, handle, offset, length)
-                if end - pos >= length and error is None:
-                    events.append(
-                        Command(cmd, flags, handle, offset, length, view[pos : pos + length])
-                    )
-                    pos += length
-                    continue
-                if error is not None:
-                    skip = min(length, end - pos)
-                    pos += skip
-                    if skip < length:
-                        self._drop, self._drop_event = length - skip, error
-                        return events
-                    events.append(error)
-                    continue
-                payload = bytearray(length)
-                have = end - pos
-                payload[:have] = view[pos:end]
-                self._payload, self._filled = payload, have
-                self._header = (cmd, flags, handle, offset, length)
-                return events
-            error = self._check(cmd, flags, handle, offset, length)
+            rule = fast.get(cmd)
+            valid = (
+                rule is not None
+                and not flags & rule[0]
+                and 0 < length <= rule[1]
+                and offset + length <= size
+                and not (offset | length) & misaligned
+            )
+            if cmd != _WRITE:
+                if valid:
+                    append(_make(Command, (cmd, flags, handle, offset, length, None)))
+                elif (error := self._check(cmd, flags, handle, offset, length)) is not None:
+                    append(error)
+                elif cmd == _DISC:
+                    append(Disconnect(handle))
+                else:
+                    append(Command(cmd, flags, handle, offset, length, None))
+                continue
+            if valid and end - pos >= length:
+                append(
+                    _make(Command, (cmd, flags, handle, offset, length, view[pos : pos + length]))
+                )
+                pos += length
+                continue
+            error = None if valid else self._check(cmd, flags, handle, offset, length)
             if error is not None:
-                events.append(error)
-            elif cmd == Cmd.DISC:
-                events.append(Disconnect(handle))
-            else:
-                events.append(Command(cmd, flags, handle, offset, length, None))
+                skip = min(length, end - pos)
+                pos += skip
+                if skip < length:
+                    self._drop, self._drop_event = length - skip, error
+                    return events
+                append(error)
+                continue
+            payload = bytearray(length)
+            have = end - pos
+            payload[:have] = view[pos:end]
+            self._payload, self._filled = payload, have
+            self._header = (cmd, flags, handle, offset, length)
+            return events
         if pos < end:
             self._tail = bytes(view[pos:end])
         return events
@@ -262,23 +293,31 @@ class RequestParser:
 # Replies ------------------------------------------------------------------------------------
 
 
+_SIMPLE_PACK = _SIMPLE.pack
+_DATA_PACK = _DATA_CHUNK.pack
+_OFFSET_DATA = int(ReplyType.OFFSET_DATA)
+_OFFSET_HOLE = int(ReplyType.OFFSET_HOLE)
+
+
 def simple_reply(handle: int, error: int = 0) -> bytes:
-    return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, error, handle)
+    return _SIMPLE_PACK(SIMPLE_REPLY_MAGIC, error, handle)
 
 
 def data_chunk_header(handle: int, offset: int, length: int, *, done: bool = True) -> bytes:
     """OFFSET_DATA chunk header; `length` bytes of data follow it."""
-    flags = REPLY_FLAG_DONE if done else 0
-    return _DATA_CHUNK.pack(
-        STRUCTURED_REPLY_MAGIC, flags, ReplyType.OFFSET_DATA, handle, length + 8, offset
+    return _DATA_PACK(
+        STRUCTURED_REPLY_MAGIC,
+        REPLY_FLAG_DONE if done else 0,
+        _OFFSET_DATA,
+        handle,
+        length + 8,
+        offset,
     )
 
 
 def hole_chunk(handle: int, offset: int, length: int, *, done: bool = True) -> bytes:
     flags = REPLY_FLAG_DONE if done else 0
-    return _HOLE_CHUNK.pack(
-        STRUCTURED_REPLY_MAGIC, flags, ReplyType.OFFSET_HOLE, handle, 12, offset, length
-    )
+    return _HOLE_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, _OFFSET_HOLE, handle, 12, offset, length)
 
 
 def none_chunk(handle: int) -> bytes:

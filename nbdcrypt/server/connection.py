@@ -40,6 +40,7 @@ from nbdcrypt.request import Extent, Op, ReqFlag, Request
 from nbdcrypt.server import eager
 
 if TYPE_CHECKING:
+    from nbdcrypt.device import Device
     from nbdcrypt.export import Export
     from nbdcrypt.server.app import ServerState
 
@@ -47,11 +48,15 @@ log = logging.getLogger("nbdcrypt.connection")
 
 SPARSE_READ_MIN = 64 * 1024  # structured reads this large report holes as OFFSET_HOLE chunks
 _SHUTDOWN_GRACE = 2.0  # seconds a shutting-down connection waits for the client's DISC
+_OP_READ = Op.READ
 _PASS_FLAGS = int(ReqFlag.FUA | ReqFlag.NO_HOLE | ReqFlag.FAST_ZERO)
 
 
 class Connection(asyncio.Protocol):
     """The server side of one NBD session."""
+
+    _device: Device  # the export's top device, set when transmission starts
+    _transport: asyncio.Transport  # set in connection_made
 
     def __init__(self, state: ServerState, listener: str) -> None:
         self.state = state
@@ -63,6 +68,7 @@ class Connection(asyncio.Protocol):
         self._parser: RequestParser | None = None
         self._structured = False
         self._handlers: dict[int, Callable[[Command], Coroutine[Any, Any, None]]] = {}
+        self._sparse_read_min = 1 << 64
         self._inflight = 0
         self._held = 0  # payload bytes held by requests in flight
         self._reading_paused = False
@@ -81,7 +87,7 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        self.transport = transport
+        self.transport = self._transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -226,6 +232,12 @@ class Connection(asyncio.Protocol):
             block_status=neg.base_allocation,
             min_block=export.block_sizes[0],
         )
+        self._device = export.device
+        self._sparse_read_min = (
+            SPARSE_READ_MIN
+            if neg.structured_replies and export.device.caps.can_extents
+            else 1 << 64
+        )
         self._handlers = {
             Cmd.READ: self._read,
             Cmd.WRITE: self._write,
@@ -255,17 +267,23 @@ class Connection(asyncio.Protocol):
     # Transmission ---------------------------------------------------------------------------
 
     def _on_events(self, events: list[Any]) -> None:
+        handlers = self._handlers
         for event in events:
             if type(event) is Command:
                 self.requests += 1
                 if self._shutting_down:
                     self._send_error(event.cmd, event.handle, Errno.ESHUTDOWN, "shutting down")
                     continue
-                try:
-                    eager.start(self._handlers[event.cmd](event))
+                coro = handlers[event.cmd](event)
+                try:  # eager.start, inlined: most requests finish without waiting
+                    yielded = coro.send(None)
+                except StopIteration:
+                    continue
                 except Exception:  # a bug below us: fail the request, keep serving
                     log.exception("%s: request %s failed", self.peer, event[:5])
                     self._send_error(event.cmd, event.handle, Errno.EIO, "internal error")
+                    continue
+                eager.finish_in_task(coro, yielded)
             elif type(event) is BadCommand:
                 self.requests += 1
                 log.debug("%s: refused %s", self.peer, event)
@@ -281,12 +299,13 @@ class Connection(asyncio.Protocol):
                 if self.transport is not None:
                     self.transport.abort()
                 return
-        self._update_reading()
+        parser = self._parser
+        if self._held or self._reading_paused or self._writing_paused or parser.pending_payload:  # type: ignore[union-attr]
+            self._update_reading()
 
     def _send(self, data: bytes | bytearray | memoryview) -> None:
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(data)
+        if not self._transport.is_closing():
+            self._transport.write(data)
 
     def _send_error(self, cmd: int, handle: int, error: int, message: str) -> None:
         if self._structured:
@@ -305,8 +324,7 @@ class Connection(asyncio.Protocol):
 
     def _begin(self, held: int = 0) -> None:
         self._inflight += 1
-        if held:
-            self._held += held
+        self._held += held
 
     def _end(self, held: int = 0) -> None:
         self._inflight -= 1
@@ -317,31 +335,33 @@ class Connection(asyncio.Protocol):
             self._close_when_idle()
 
     async def _read(self, c: Command) -> None:
-        self._begin()
+        self._inflight += 1
         try:
-            device = self.export.device  # type: ignore[union-attr]
-            if self._structured and c.length >= SPARSE_READ_MIN and device.caps.can_extents:
+            if c.length >= self._sparse_read_min:
                 await self._read_sparse(c)
                 return
-            data = await device.read(Request(Op.READ, c.offset, c.length))
+            data = await self._device.read(Request(_OP_READ, c.offset, c.length))
             self.bytes_read += c.length
             if self._structured:
                 header = data_chunk_header(c.handle, c.offset, c.length)
             else:
                 header = simple_reply(c.handle)
-            if c.length <= 65536:
-                self._send(header + data)
-            else:
-                self._send(header)
-                self._send(data)
+            if not self._transport.is_closing():
+                if c.length <= 65536:
+                    self._transport.write(header + data)
+                else:
+                    self._transport.write(header)
+                    self._transport.write(data)
         except Exception as exc:
             self._fail(c, exc)
         finally:
-            self._end()
+            self._inflight -= 1
+            if self._inflight == 0 and (self._disconnecting or self._shutting_down):
+                self._close_when_idle()
 
     async def _read_sparse(self, c: Command) -> None:
         """A structured read that sends holes as OFFSET_HOLE chunks instead of zeroes."""
-        device = self.export.device  # type: ignore[union-attr]
+        device = self._device
         extents = await self._extents_covering(c.offset, c.length)
         segments = _merge_zero_runs(c.offset, extents)
         if c.flags & CmdFlag.DF and len(segments) > 1:
@@ -357,7 +377,7 @@ class Connection(asyncio.Protocol):
         self.bytes_read += c.length
 
     async def _extents_covering(self, offset: int, length: int) -> list[Extent]:
-        device = self.export.device  # type: ignore[union-attr]
+        device = self._device
         extents: list[Extent] = []
         pos, end = offset, offset + length
         while pos < end:
@@ -378,7 +398,7 @@ class Connection(asyncio.Protocol):
         self._begin(held)
         try:
             flags = ReqFlag(c.flags & _PASS_FLAGS)
-            await self.export.device.write(Request(Op.WRITE, c.offset, c.length, flags, c.payload))  # type: ignore[union-attr]
+            await self._device.write(Request(Op.WRITE, c.offset, c.length, flags, c.payload))
             self.bytes_written += c.length
             self._send(simple_reply(c.handle))
         except Exception as exc:
@@ -389,7 +409,7 @@ class Connection(asyncio.Protocol):
     async def _flush(self, c: Command) -> None:
         self._begin()
         try:
-            await self.export.device.flush()  # type: ignore[union-attr]
+            await self._device.flush()
             self._send(simple_reply(c.handle))
         except Exception as exc:
             self._fail(c, exc)
@@ -408,7 +428,7 @@ class Connection(asyncio.Protocol):
     async def _ranged(self, c: Command, op: Op) -> None:
         self._begin()
         try:
-            device = self.export.device  # type: ignore[union-attr]
+            device = self._device
             req = Request(op, c.offset, c.length, ReqFlag(c.flags & _PASS_FLAGS))
             if op is Op.TRIM:
                 await device.trim(req)
@@ -425,7 +445,7 @@ class Connection(asyncio.Protocol):
     async def _block_status(self, c: Command) -> None:
         self._begin()
         try:
-            device = self.export.device  # type: ignore[union-attr]
+            device = self._device
             if device.caps.can_extents:
                 extents = await device.block_status(Request(Op.BLOCK_STATUS, c.offset, c.length))
             else:

@@ -55,4 +55,13 @@ def start(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
         yielded = coro.send(None)
     except StopIteration:
         return None
+    return finish_in_task(coro, yielded)
+
+
+def finish_in_task(coro: Coroutine[Any, Any, None], yielded: object) -> asyncio.Task[None]:
+    """Continue a coroutine that was stepped by hand and yielded `yielded`, in a new task.
+
+    Callers on a hot path step the coroutine themselves (saving a call) and use this only
+    when it waited.
+    """
     return asyncio.get_running_loop().create_task(_finish(_Resume(coro, yielded)))
