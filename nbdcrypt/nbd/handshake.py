@@ -50,7 +50,9 @@ _GREETING = struct.pack(
 )
 _OPTION_HEADER = struct.Struct(">QII")
 _REPLY_HEADER = struct.Struct(">QIII")
-_KNOWN_CLIENT_FLAGS = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
+_KNOWN_CLIENT_FLAGS = int(
+    ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
+)  # an int: ~ of a flag drops bits
 BASE_ALLOCATION_ID = 1  # the meta-context ID this server gives base:allocation
 
 
