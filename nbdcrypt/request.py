@@ -67,6 +67,13 @@ class Request:
         """The same I/O addressed at `offset` of the device below."""
         return Request(self.op, offset, self.length, self.flags, self.data)
 
+    def piece(self, at: int, length: int, offset: int) -> Request:
+        """The `length` bytes from `at` of this request, addressed at `offset` below."""
+        data = self.data
+        if data is not None:
+            data = memoryview(data)[at : at + length]
+        return Request(self.op, offset, length, self.flags, data)
+
     def split(self, head: int) -> tuple[Request, Request]:
         """Cut into the first `head` bytes and the rest (0 < head < length)."""
         data = self.data

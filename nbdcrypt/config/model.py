@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nbdcrypt.dm.table import TableLine
+
 SECTOR = 512
 MAX_PAYLOAD = 32 * 1024 * 1024
 
@@ -64,7 +66,17 @@ class MemoryDeviceConfig:
     size: int
 
 
-DeviceConfig = FileDeviceConfig | MemoryDeviceConfig
+@dataclass(frozen=True, slots=True)
+class TableDeviceConfig:
+    """A mapped device built from dmsetup-syntax table lines over other devices of the config."""
+
+    name: str
+    lines: tuple[TableLine, ...]  # parsed and checked (nbdcrypt.dm.table)
+    size: int  # the end of the last line, in bytes
+    allow_overlap: bool = False  # its lines may map regions another table maps too
+
+
+DeviceConfig = FileDeviceConfig | MemoryDeviceConfig | TableDeviceConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +93,7 @@ class ExportConfig:
 class Config:
     source: Path  # the YAML file this came from
     server: ServerConfig
-    devices: dict[str, DeviceConfig]
+    devices: dict[str, DeviceConfig]  # every device after the devices its table names
     exports: dict[str, ExportConfig]
 
     @property

@@ -23,8 +23,11 @@ from nbdcrypt.config.model import (
     Limits,
     ListenAddress,
     MemoryDeviceConfig,
+    TableDeviceConfig,
 )
 from nbdcrypt.device import Device
+from nbdcrypt.dm.device import MappedDevice
+from nbdcrypt.dm.table import Table
 from nbdcrypt.export import Export
 from nbdcrypt.server.connection import Connection
 
@@ -59,11 +62,14 @@ class ServerState:
         self.connections.discard(conn)
 
 
-def open_device(cfg: DeviceConfig) -> Device:
+def open_device(cfg: DeviceConfig, opened: dict[str, Device]) -> Device:
+    """Open one configured device; `opened` holds the devices it may stand on."""
     if isinstance(cfg, FileDeviceConfig):
         return FileDevice(cfg.name, cfg.path, cfg.size, create=cfg.create)
     if isinstance(cfg, MemoryDeviceConfig):
         return MemoryDevice(cfg.name, cfg.size)
+    if isinstance(cfg, TableDeviceConfig):
+        return MappedDevice(cfg.name, Table.build(cfg.lines, opened))
     raise TypeError(f"unknown device kind {type(cfg).__name__}")
 
 
@@ -91,7 +97,7 @@ class Server:
         self._stop = asyncio.Event()
         try:
             for name, dev_cfg in config.devices.items():
-                self.devices[name] = open_device(dev_cfg)
+                self.devices[name] = open_device(dev_cfg, self.devices)
         except BaseException:
             self.close_devices()
             raise
