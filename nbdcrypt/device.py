@@ -26,6 +26,7 @@ class DeviceCaps:
     can_multi_conn: bool = False  # a FLUSH on any connection covers every connection's writes
     can_extents: bool = False  # block_status says more than "all data"
     rotational: bool = False
+    block_size: int = 1  # the smallest unit of I/O it accepts (logical block size), a power of 2
 
 
 class Device(abc.ABC):

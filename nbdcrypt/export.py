@@ -25,7 +25,8 @@ class Export:
     @property
     def block_sizes(self) -> tuple[int, int, int]:
         """NBD_INFO_BLOCK_SIZE: minimum, preferred, maximum."""
-        return 1, PREFERRED_BLOCK, MAX_PAYLOAD
+        minimum = self.device.caps.block_size
+        return minimum, max(minimum, PREFERRED_BLOCK), MAX_PAYLOAD
 
     def transmission_flags(self, *, structured: bool) -> int:
         """Exactly what this export can do, as NBD transmission flags."""

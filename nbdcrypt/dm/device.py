@@ -30,6 +30,7 @@ def table_caps(targets: Sequence[Target]) -> DeviceCaps:
         can_multi_conn=all(t.caps.can_multi_conn for t in targets),
         can_extents=any(t.caps.can_extents for t in targets),
         rotational=any(t.caps.rotational for t in targets),
+        block_size=max(t.caps.block_size for t in targets),
     )
 
 

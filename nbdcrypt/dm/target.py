@@ -106,8 +106,11 @@ class Target(Device):
         for device in self.lower:
             await device.flush()
 
-    def combined_caps(self, **overrides: bool) -> DeviceCaps:
-        """The caps every device below shares, with target-specific overrides."""
+    def combined_caps(self, *, block_size: int = 1, **overrides: bool) -> DeviceCaps:
+        """The caps every device below shares, with target-specific overrides.
+
+        The block size is the largest of the devices below and `block_size`.
+        """
         lower = self.lower
         fields = {
             "can_trim": all(d.caps.can_trim for d in lower),
@@ -118,5 +121,6 @@ class Target(Device):
             "can_extents": any(d.caps.can_extents for d in lower),
             "rotational": any(d.caps.rotational for d in lower),
         }
+        block_size = max([block_size, *(d.caps.block_size for d in lower)])
         fields.update(overrides)
-        return DeviceCaps(**fields)
+        return DeviceCaps(**fields, block_size=block_size)
