@@ -35,6 +35,7 @@ class Device(abc.ABC):
     name: str
     size: int
     caps: DeviceCaps
+    openers: int = 0  # client connections in transmission on an export of this device
 
     @abc.abstractmethod
     async def read(self, req: Request) -> bytes | bytearray | memoryview:

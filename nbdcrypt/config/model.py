@@ -46,6 +46,7 @@ class Limits:
 class ServerConfig:
     listen: tuple[ListenAddress, ...]
     limits: Limits = field(default_factory=Limits)
+    control: Path | None = None  # the control socket `nbdcrypt ctl` talks to (unix, 0600)
 
 
 @dataclass(frozen=True, slots=True)

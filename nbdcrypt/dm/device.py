@@ -43,7 +43,6 @@ class MappedDevice(PieceMapper):
         self.inactive: Table | None = None
         self.size = table.size
         self.caps = table_caps(table.targets)
-        self.openers = 0  # connections in transmission on an export of this device
         self._suspended = False
         self._resumed: asyncio.Event | None = None
         self._inflight = 0
