@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,6 +79,34 @@ def _wait_ready(server: RunningServer, timeout: float = 30.0) -> None:
     raise AssertionError(f"server not ready within {timeout}s:\n{server.log}")
 
 
+def launch_server(workdir: Path, config: str, *extra: str, name: str = "nbdcrypt") -> RunningServer:
+    """Start `nbdcrypt serve` on CONFIG (written to workdir/NAME.yaml) and wait until it listens.
+
+    It listens on workdir/NAME.sock and a free loopback port. The caller stops it (by pid).
+    """
+    cfg = workdir / f"{name}.yaml"
+    cfg.write_text(config)
+    sock = workdir / f"{name}.sock"
+    port = free_tcp_port()
+    log = workdir / f"{name}.log"
+    cmd = [
+        sys.executable, "-m", "nbdcrypt", "serve", "-c", str(cfg),
+        "--listen", f"unix://{sock}", "--listen", f"tcp://127.0.0.1:{port}",
+        "--log-level", "debug", *extra,
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    server = RunningServer(proc, cfg, sock, port, log)
+    try:
+        _wait_ready(server)
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        raise
+    return server
+
+
 StartServer = Callable[..., RunningServer]
 
 
@@ -91,21 +120,8 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
     servers: list[RunningServer] = []
 
     def start(config: str, *extra: str, name: str = "nbdcrypt") -> RunningServer:
-        cfg = tmp_path / f"{name}.yaml"
-        cfg.write_text(config)
-        sock = tmp_path / f"{name}.sock"
-        port = free_tcp_port()
-        log = tmp_path / f"{name}.log"
-        cmd = [
-            sys.executable, "-m", "nbdcrypt", "serve", "-c", str(cfg),
-            "--listen", f"unix://{sock}", "--listen", f"tcp://127.0.0.1:{port}",
-            "--log-level", "debug", *extra,
-        ]  # fmt: skip
-        with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        server = RunningServer(proc, cfg, sock, port, log)
+        server = launch_server(tmp_path, config, *extra, name=name)
         servers.append(server)
-        _wait_ready(server)
         return server
 
     yield start
@@ -123,14 +139,18 @@ def require_tool(name: str) -> str:
     return path
 
 
-def run(cmd: list[str], *, timeout: float = 120, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: list[str], *, timeout: float = 120, check: bool = True, **kw: Any
+) -> subprocess.CompletedProcess[str]:
     """Run a client, capture its output; on failure the assertion shows what it printed."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+    proc: subprocess.CompletedProcess[str] = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, check=False, **kw
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{cmd!r} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
         )
-    return proc  # type: ignore[no-any-return]
+    return proc
 
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # python3-libnbd is installed for Debian's Python only

@@ -21,6 +21,8 @@ from typing import NoReturn, TypeVar
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from nbdcrypt.dm.table import TableError, TableLine, check_lines, parse_line, table_size
+
 from .model import (
     SECTOR,
     Config,
@@ -31,8 +33,9 @@ from .model import (
     ListenAddress,
     MemoryDeviceConfig,
     ServerConfig,
+    TableDeviceConfig,
 )
-from .units import MIB, parse_bytes, parse_duration, parse_int, parse_size
+from .units import MAX_SIZE, MIB, parse_bytes, parse_duration, parse_int, parse_size
 
 __all__ = ["DEFAULT_PORT", "ConfigError", "load_config", "parse_listen", "parse_size"]
 
@@ -49,6 +52,10 @@ _HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _PLANNED = "not supported yet (planned)"
 _CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
 _EXPORT_KEYS = ("device", "readonly", "description", "multi_conn", "default")
+_DEVICE_KEYS = ("file", "size", "memory", "table", "allow_overlap")
+_KINDS = {"file": "a file", "memory": "a memory device", "table": "a table"}
+_LINE_PREFIX = re.compile(r"line ([0-9]+): ")
+_BREAKS = re.compile("\r\n|[\n\r\x85\u2028\u2029]")  # what PyYAML counts as a new line
 
 
 class ConfigError(Exception):
@@ -504,25 +511,36 @@ def _file_device(name: str, fields: _Fields) -> FileDeviceConfig:
     return FileDeviceConfig(name, path, actual, create=False)
 
 
-def _device(name: str, item: _Item) -> DeviceConfig:
-    fields = item.fields(("file", "size", "memory"), planned=("table", "luks", "inline_crypto"))
-    kinds = [kind for kind in ("file", "memory") if kind in fields]
+def _device(name: str, item: _Item) -> DeviceConfig | _Table:
+    fields = item.fields(_DEVICE_KEYS, planned=("luks", "inline_crypto"))
+    kinds = [kind for kind in _KINDS if kind in fields]
     if not kinds:
-        item.fail_whole("missing the device kind: 'file: PATH' or 'memory: SIZE'")
+        item.fail_whole(
+            "missing the device kind: 'file: PATH', 'memory: SIZE' or 'table: [LINE, ...]'"
+        )
     if len(kinds) > 1:
         first = fields.key(kinds[0]).line
         fields.key(kinds[1]).fail(
-            f"a device has one kind; this one is already a file (line {first})"
+            f"a device has one kind; this one is already {_KINDS[kinds[0]]} (line {first})"
         )
+    if "allow_overlap" in fields and kinds[0] != "table":
+        fields.key("allow_overlap").fail("only for table devices")
     if kinds[0] == "file":
         return _file_device(name, fields)
     if "size" in fields:
+        if kinds[0] == "table":
+            fields.key("size").fail(
+                "only for file devices (a table's size is where its last line ends)"
+            )
         fields.key("size").fail("only for file devices (write the size as the value: memory: 64M)")
+    if kinds[0] == "table":
+        entries = _table_entries(fields.require("table"))
+        return _Table(name, entries, fields.opt("allow_overlap", _Item.boolean, False))
     return MemoryDeviceConfig(name, fields.require("memory").size())
 
 
 def _devices(item: _Item) -> dict[str, DeviceConfig]:
-    devices: dict[str, DeviceConfig] = {}
+    devices: dict[str, DeviceConfig | _Table] = {}
     for name, key, value in item.pairs():
         if not _DEVICE_NAME.match(name):
             key.fail(
@@ -531,7 +549,7 @@ def _devices(item: _Item) -> dict[str, DeviceConfig]:
         devices[name] = _device(name, value)
     if not devices:
         item.fail("expected at least one device")
-    return devices
+    return _resolve_tables(devices)
 
 
 def _text(what: str) -> Callable[[str], str]:

@@ -150,6 +150,14 @@ _WIRE: dict[int | None, Errno] = {
     _errno.ESHUTDOWN: Errno.ESHUTDOWN,
 }
 
+def wire_string(text: str) -> bytes:
+    """UTF-8 of `text`, cut at a character boundary to the spec's 4096-byte string limit."""
+    raw = text.encode()
+    if len(raw) <= MAX_STRING:
+        return raw
+    return raw[:MAX_STRING].decode("utf-8", "ignore").encode()
+
+
 # Limits this server applies.
 MAX_STRING = 4096  # export names, descriptions, queries (the spec's string limit)
 MAX_OPTION_DATA = 64 * 1024  # larger option payloads are drained and refused with ERR_TOO_BIG

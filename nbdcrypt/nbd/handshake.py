@@ -43,6 +43,7 @@ from nbdcrypt.nbd.constants import (
     Info,
     Opt,
     Rep,
+    wire_string,
 )
 
 _GREETING = struct.pack(
@@ -355,7 +356,7 @@ class ServerHandshake:
         if isinstance(pending, ExportNameRequest):
             self.state = State.CLOSED
             return
-        self._reply(self._option, rep, message.encode()[:MAX_STRING])
+        self._reply(self._option, rep, wire_string(message))
         self.state = State.OPTION_HEADER
 
     def reply_list(self, exports: Iterable[tuple[str, str]]) -> None:
@@ -437,7 +438,7 @@ class ServerHandshake:
         return pending
 
     def _answer(self, rep: Rep, message: str = "") -> OptionAnswered:
-        self._reply(self._option, rep, message.encode())
+        self._reply(self._option, rep, wire_string(message))
         return OptionAnswered(self._option, rep)
 
     def _reply(self, option: int, rep: int, data: bytes = b"") -> None:

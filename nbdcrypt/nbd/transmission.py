@@ -29,6 +29,7 @@ from nbdcrypt.nbd.constants import (
     Errno,
     ReplyType,
     TransmissionFlag,
+    wire_string,
 )
 
 _REQUEST = struct.Struct(">IHHQQI")
@@ -95,7 +96,7 @@ def _allowed_flags(tflags: int) -> dict[int, int]:
     allowed = {
         Cmd.READ: fua | df,
         Cmd.WRITE: fua,
-        Cmd.DISC: 0,
+        Cmd.DISC: fua,  # the spec: FUA is valid on every command once advertised
         Cmd.FLUSH: fua,
         Cmd.TRIM: fua,
         Cmd.CACHE: fua,
@@ -325,7 +326,7 @@ def none_chunk(handle: int) -> bytes:
 
 
 def error_chunk(handle: int, error: int, message: str = "") -> bytes:
-    raw = message.encode()[:4096]
+    raw = wire_string(message)
     return (
         _ERROR_CHUNK.pack(
             STRUCTURED_REPLY_MAGIC,
