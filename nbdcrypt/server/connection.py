@@ -12,6 +12,7 @@ import asyncio
 import logging
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
@@ -82,6 +83,11 @@ class Connection(asyncio.Protocol):
         self.bytes_read = 0
         self.bytes_written = 0
         self.over_limit = False
+        # While a received batch runs, replies collect here and leave in one writev.
+        self._batch: list[bytes | bytearray | memoryview] | None = None
+        self._batch_bytes = 0
+        self._queue: deque[Any] = deque()  # parsed events not yet run (over the cap)
+        self._cap = state.limits.max_inflight_bytes
 
     # asyncio callbacks ----------------------------------------------------------------------
 
@@ -270,44 +276,72 @@ class Connection(asyncio.Protocol):
     # Transmission ---------------------------------------------------------------------------
 
     def _on_events(self, events: list[Any]) -> None:
-        handlers = self._handlers
-        for event in events:
-            if type(event) is Command:
-                self.requests += 1
-                if self._shutting_down:
-                    self._send_error(event.cmd, event.handle, Errno.ESHUTDOWN, "shutting down")
-                    continue
-                coro = handlers[event.cmd](event)
-                try:  # eager.start, inlined: most requests finish without waiting
-                    yielded = coro.send(None)
-                except StopIteration:
-                    continue
-                except Exception:  # a bug below us: fail the request, keep serving
-                    log.exception("%s: request %s failed", self.peer, event[:5])
-                    self._send_error(event.cmd, event.handle, Errno.EIO, "internal error")
-                    continue
-                eager.finish_in_task(coro, yielded)
-            elif type(event) is BadCommand:
-                self.requests += 1
-                log.debug("%s: refused %s", self.peer, event)
-                self._send_error(event.cmd, event.handle, event.error, event.message)
-            elif type(event) is Disconnect:
-                self._disconnecting = True
-                if self.transport is not None:
-                    self.transport.pause_reading()
-                self._close_when_idle()
-                return
-            elif type(event) is FramingError:
-                log.info("%s: %s, closing", self.peer, event.reason)
-                if self.transport is not None:
-                    self.transport.abort()
-                return
-        parser = self._parser
-        if self._held or self._reading_paused or self._writing_paused or parser.pending_payload:  # type: ignore[union-attr]
+        """Queue parsed events and run as many as the memory cap allows."""
+        if self._queue:
+            self._queue.extend(events)
+        else:
+            self._queue = deque(events)
+        self._run_queue()
+
+    def _run_queue(self) -> None:
+        """Run queued events until the queue is empty or the connection holds its cap in
+        replies and payloads; replies made meanwhile leave in one writev."""
+        queue, handlers, transport = self._queue, self._handlers, self._transport
+        cap = self.state.limits.max_inflight_bytes
+        batch: list[bytes | bytearray | memoryview] = []
+        self._batch = batch
+        self._batch_bytes = 0
+        ending = None
+        try:
+            while queue:
+                if self._batch_bytes + self._held + transport.get_write_buffer_size() >= cap:
+                    break
+                event = queue.popleft()
+                if type(event) is Command:
+                    self.requests += 1
+                    if self._shutting_down:
+                        self._send_error(event.cmd, event.handle, Errno.ESHUTDOWN, "shutting down")
+                        continue
+                    coro = handlers[event.cmd](event)
+                    try:  # eager.start, inlined: most requests finish without waiting
+                        yielded = coro.send(None)
+                    except StopIteration:
+                        continue
+                    except Exception:  # a bug below us: fail the request, keep serving
+                        log.exception("%s: request %s failed", self.peer, event[:5])
+                        self._send_error(event.cmd, event.handle, Errno.EIO, "internal error")
+                        continue
+                    eager.finish_in_task(coro, yielded)
+                elif type(event) is BadCommand:
+                    self.requests += 1
+                    log.debug("%s: refused %s", self.peer, event)
+                    self._send_error(event.cmd, event.handle, event.error, event.message)
+                else:  # Disconnect or FramingError: nothing after it counts
+                    ending = event
+                    queue.clear()
+        finally:
+            self._batch = None
+            if batch and not transport.is_closing():
+                transport.writelines(batch)
+        if ending is not None:
+            self._end_session(ending)
+        else:
             self._update_reading()
 
+    def _end_session(self, event: Disconnect | FramingError) -> None:
+        self._disconnecting = True
+        if isinstance(event, FramingError):
+            log.info("%s: %s, closing", self.peer, event.reason)
+            self._transport.abort()
+            return
+        self._transport.pause_reading()
+        self._close_when_idle()
+
     def _send(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._transport.is_closing():
+        out = self._batch
+        if out is not None:
+            out.append(data)
+        elif not self._transport.is_closing():
             self._transport.write(data)
 
     def _send_error(self, cmd: int, handle: int, error: int, message: str) -> None:
@@ -349,12 +383,14 @@ class Connection(asyncio.Protocol):
                 header = data_chunk_header(c.handle, c.offset, c.length)
             else:
                 header = simple_reply(c.handle)
-            if not self._transport.is_closing():
-                if c.length <= 65536:
-                    self._transport.write(header + data)
-                else:
-                    self._transport.write(header)
-                    self._transport.write(data)
+            out = self._batch
+            if out is not None:
+                out.append(header)
+                out.append(data)
+                self._batch_bytes += c.length
+            elif not self._transport.is_closing():
+                self._transport.write(header)
+                self._transport.write(data)
         except Exception as exc:
             self._fail(c, exc)
         finally:
@@ -465,18 +501,21 @@ class Connection(asyncio.Protocol):
     # Flow control and closing ---------------------------------------------------------------
 
     def _update_reading(self) -> None:
-        transport = self.transport
-        if transport is None or self._disconnecting:
+        """Read from the socket only while under the cap; run queued events when room appears."""
+        if self._disconnecting or self._parser is None:
             return
-        parser = self._parser
-        held = self._held + (parser.pending_payload if parser is not None else 0)
-        pause = self._writing_paused or held >= self.state.limits.max_inflight_bytes
+        room = self._held + self._transport.get_write_buffer_size() < self._cap
+        if self._queue and room and not self._writing_paused and self._batch is None:
+            self._run_queue()
+            return
+        held = self._held + self._parser.pending_payload
+        pause = bool(self._queue) or self._writing_paused or held >= self._cap
         if pause and not self._reading_paused:
             self._reading_paused = True
-            transport.pause_reading()
+            self._transport.pause_reading()
         elif not pause and self._reading_paused:
             self._reading_paused = False
-            transport.resume_reading()
+            self._transport.resume_reading()
 
     def _close_when_idle(self) -> None:
         if self._inflight == 0 and self.transport is not None and not self.transport.is_closing():
