@@ -150,6 +150,7 @@ _WIRE: dict[int | None, Errno] = {
     _errno.ESHUTDOWN: Errno.ESHUTDOWN,
 }
 
+
 def wire_string(text: str) -> bytes:
     """UTF-8 of `text`, cut at a character boundary to the spec's 4096-byte string limit."""
     raw = text.encode()
