@@ -1,0 +1,1 @@
+"""Inline encryption modelled on the Linux kernel's blk-crypto (block/blk-crypto*.c)."""
