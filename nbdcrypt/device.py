@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from nbdcrypt.blkcrypto.profile import CryptoCaps
 from nbdcrypt.request import Extent, Request
+
+if TYPE_CHECKING:
+    from nbdcrypt.blkcrypto.key import CryptoKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +41,8 @@ class Device(abc.ABC):
     size: int
     caps: DeviceCaps
     openers: int = 0  # client connections in transmission on an export of this device
+    crypto_caps: CryptoCaps = CryptoCaps.none()  # what it encrypts inline (blk-crypto profile)
+    fallback_bytes: int = 0  # bytes the software fallback en/decrypted for requests sent here
 
     @abc.abstractmethod
     async def read(self, req: Request) -> bytes | bytearray | memoryview:
@@ -66,6 +73,9 @@ class Device(abc.ABC):
 
     async def cache(self, req: Request) -> None:  # noqa: B027 - optional operation
         """Prefetch a range; a no-op unless the device has something to warm."""
+
+    async def evict_key(self, key: CryptoKey) -> None:  # noqa: B027 - optional operation
+        """Remove `key` from every inline engine at or below this device (EBUSY if in use)."""
 
     def close(self) -> None:  # noqa: B027 - optional operation
         """Release resources (file descriptors); called once at shutdown."""

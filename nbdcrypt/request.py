@@ -8,7 +8,10 @@ did not create. Later issues attach a crypt context here, which travels with the
 from __future__ import annotations
 
 from enum import IntEnum, IntFlag
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from nbdcrypt.blkcrypto.key import CryptContext
 
 
 class Op(IntEnum):
@@ -45,9 +48,13 @@ EXTENT_ZERO = 2
 
 
 class Request:
-    """One I/O: `op` on [offset, offset + length), with `data` for writes."""
+    """One I/O: `op` on [offset, offset + length), with `data` for writes.
 
-    __slots__ = ("data", "flags", "length", "offset", "op")
+    `crypt` is the crypt context (key and data unit number) when the request is to be
+    encrypted inline; remapping keeps it, taking a piece advances its DUN.
+    """
+
+    __slots__ = ("crypt", "data", "flags", "length", "offset", "op")
 
     def __init__(
         self,
@@ -56,36 +63,42 @@ class Request:
         length: int,
         flags: ReqFlag = ReqFlag.NONE,
         data: bytes | bytearray | memoryview | None = None,
+        *,
+        crypt: CryptContext | None = None,
     ) -> None:
         self.op = op
         self.offset = offset
         self.length = length
         self.flags = flags
         self.data = data
+        self.crypt = crypt
 
     def remapped(self, offset: int) -> Request:
-        """The same I/O addressed at `offset` of the device below."""
-        return Request(self.op, offset, self.length, self.flags, self.data)
+        """The same I/O addressed at `offset` of the device below (the DUN does not change)."""
+        return Request(self.op, offset, self.length, self.flags, self.data, crypt=self.crypt)
+
+    def with_crypt(self, crypt: CryptContext) -> Request:
+        """The same I/O carrying crypt context `crypt`."""
+        return Request(self.op, self.offset, self.length, self.flags, self.data, crypt=crypt)
 
     def piece(self, at: int, length: int, offset: int) -> Request:
         """The `length` bytes from `at` of this request, addressed at `offset` below."""
         data = self.data
         if data is not None:
             data = memoryview(data)[at : at + length]
-        return Request(self.op, offset, length, self.flags, data)
+        crypt = self.crypt
+        if crypt is not None and at:
+            crypt = crypt.advanced(at)
+        return Request(self.op, offset, length, self.flags, data, crypt=crypt)
 
     def split(self, head: int) -> tuple[Request, Request]:
         """Cut into the first `head` bytes and the rest (0 < head < length)."""
-        data = self.data
-        first = Request(self.op, self.offset, head, self.flags, None)
-        rest = Request(self.op, self.offset + head, self.length - head, self.flags, None)
-        if data is not None:
-            view = memoryview(data)
-            first.data = view[:head]
-            rest.data = view[head:]
-        return first, rest
+        rest = self.length - head
+        return self.piece(0, head, self.offset), self.piece(head, rest, self.offset + head)
 
     def __repr__(self) -> str:
+        key = f", key={self.crypt.key.key_id}, dun={self.crypt.dun}" if self.crypt else ""
         return (
-            f"Request({self.op.name}, offset={self.offset}, length={self.length}, {self.flags!r})"
+            f"Request({self.op.name}, offset={self.offset}, length={self.length}, "
+            f"{self.flags!r}{key})"
         )

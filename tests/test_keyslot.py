@@ -7,6 +7,8 @@ import errno
 import random
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,6 +18,24 @@ from nbdcrypt.blkcrypto.profile import CryptoCaps
 
 XTS = CryptoMode.AES_256_XTS
 CBC = CryptoMode.AES_128_CBC_ESSIV
+
+
+def reference_encrypt(k: CryptoKey, dun: int, data: bytes) -> bytes:
+    """One cryptography call per data unit, IV = DUN little-endian (ESSIV for CBC)."""
+    raw, out = bytes(k.raw), bytearray()
+    unit = k.data_unit_size
+    for i in range(0, len(data), unit):
+        iv = (dun + i // unit).to_bytes(16, "little")
+        if k.mode is XTS:
+            mode: modes.XTS | modes.CBC = modes.XTS(iv)
+        else:
+            digest = hashes.Hash(hashes.SHA256())
+            digest.update(raw)
+            essiv = Cipher(algorithms.AES(digest.finalize()), modes.ECB()).encryptor()
+            mode = modes.CBC(essiv.update(iv))
+        enc = Cipher(algorithms.AES(raw), mode).encryptor()
+        out += enc.update(data[i : i + unit]) + enc.finalize()
+    return bytes(out)
 
 
 def key(name: str, mode: CryptoMode = XTS, dus: int = 4096) -> CryptoKey:

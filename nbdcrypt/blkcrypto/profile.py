@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from nbdcrypt.blkcrypto.key import CryptoKey, CryptoMode
+from nbdcrypt.blkcrypto.key import DATA_UNIT_SIZES, CryptoKey, CryptoMode
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +28,11 @@ class CryptoCaps:
     @classmethod
     def none(cls) -> CryptoCaps:
         return cls(frozenset(), 0)
+
+    @classmethod
+    def everything(cls) -> CryptoCaps:
+        """The identity of `&`: what a target with no device below (error) passes."""
+        return cls(frozenset((m, d) for m in CryptoMode for d in DATA_UNIT_SIZES), 8)
 
     def __bool__(self) -> bool:
         return bool(self.modes) and self.max_dun_bytes > 0

@@ -13,11 +13,21 @@ import asyncio
 import bisect
 from collections.abc import Sequence
 
+from nbdcrypt.blkcrypto.key import CryptoKey
+from nbdcrypt.blkcrypto.profile import CryptoCaps
 from nbdcrypt.device import Device, DeviceCaps
 from nbdcrypt.dm.remap import PieceMapper
 from nbdcrypt.dm.table import Table, TableError
 from nbdcrypt.dm.target import Target
 from nbdcrypt.request import Extent, Request
+
+
+def table_crypto_caps(targets: Sequence[Target]) -> CryptoCaps:
+    """The passthrough profile of a table: what all its targets pass (none if one does not)."""
+    caps = CryptoCaps.everything()
+    for target in targets:
+        caps &= target.crypto_caps
+    return caps if caps else CryptoCaps.none()
 
 
 def table_caps(targets: Sequence[Target]) -> DeviceCaps:
@@ -43,6 +53,7 @@ class MappedDevice(PieceMapper):
         self.inactive: Table | None = None
         self.size = table.size
         self.caps = table_caps(table.targets)
+        self.crypto_caps = table_crypto_caps(table.targets)
         self._suspended = False
         self._resumed: asyncio.Event | None = None
         self._inflight = 0
@@ -61,7 +72,30 @@ class MappedDevice(PieceMapper):
                 f"device {self.name}: the new table is {table.size} bytes, smaller than the "
                 f"live {self.size}, and {self.openers} client(s) have it open"
             )
+        self._check_crypto(table)
         self.inactive = table
+
+    def _check_crypto(self, table: Table) -> None:
+        """Inline-crypto capabilities only grow: refuse a table that would drop one."""
+        new = table_crypto_caps(table.targets)
+        lost = new.lacks(self.crypto_caps)
+        if not lost:
+            return
+        culprits = [
+            f"{line.target} at sector {line.start}"
+            + ("" if target.passes_crypto else " (does not pass inline crypto)")
+            + "".join(
+                f", device {d.name} lacks {', '.join(d.crypto_caps.lacks(self.crypto_caps))}"
+                for d in target.lower
+                if d.crypto_caps.lacks(self.crypto_caps)
+            )
+            for line, target in zip(table.lines, table.targets, strict=True)
+            if target.crypto_caps.lacks(self.crypto_caps)
+        ]
+        raise TableError(
+            f"device {self.name}: the new table would lose inline crypto capabilities "
+            f"({'; '.join(lost)}): {'; '.join(culprits)}"
+        )
 
     def clear(self) -> None:
         self.inactive = None
@@ -88,6 +122,7 @@ class MappedDevice(PieceMapper):
             self.live, self.inactive = self.inactive, None
             self.size = self.live.size
             self.caps = table_caps(self.live.targets)
+            self.crypto_caps = table_crypto_caps(self.live.targets)
         self._suspended = False
         if self._resumed is not None:
             self._resumed.set()
@@ -177,6 +212,10 @@ class MappedDevice(PieceMapper):
                 await asyncio.gather(*(t.flush() for t in targets))
         finally:
             self._leave()
+
+    async def evict_key(self, key: CryptoKey) -> None:
+        for device in self.lower:
+            await device.evict_key(key)
 
     def status(self) -> list[str]:
         """`dmsetup status` lines of the live table."""

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from nbdcrypt.blkcrypto.key import CryptoKey
+from nbdcrypt.blkcrypto.profile import CryptoCaps
 from nbdcrypt.device import Device, DeviceCaps
 
 SECTOR = 512
@@ -105,6 +107,20 @@ class Target(Device):
     async def flush(self) -> None:
         for device in self.lower:
             await device.flush()
+
+    @property
+    def crypto_caps(self) -> CryptoCaps:  # type: ignore[override]
+        """Passthrough: what every device below can do inline, if this target passes crypto."""
+        if not self.passes_crypto:
+            return CryptoCaps.none()
+        caps = CryptoCaps.everything()
+        for device in self.lower:
+            caps &= device.crypto_caps
+        return caps
+
+    async def evict_key(self, key: CryptoKey) -> None:
+        for device in self.lower:
+            await device.evict_key(key)
 
     def combined_caps(self, *, block_size: int = 1, **overrides: bool) -> DeviceCaps:
         """The caps every device below shares, with target-specific overrides.
