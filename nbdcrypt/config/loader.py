@@ -511,6 +511,251 @@ def _file_device(name: str, fields: _Fields) -> FileDeviceConfig:
     return FileDeviceConfig(name, path, actual, create=False)
 
 
+# --- dm tables -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _At:
+    """Where a table line is written: a literal block holds several in one YAML node."""
+
+    src: _Source
+    line: int
+    path: str  # devices.NAME.table[i]
+
+    def fail(self, message: str) -> NoReturn:
+        raise ConfigError(self.src.file, self.line, self.path, message)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One parsed table line of the file, and where it is written."""
+
+    at: _At
+    table_line: TableLine
+
+    @property
+    def line(self) -> int:
+        return self.at.line
+
+    @property
+    def path(self) -> str:
+        return self.at.path
+
+    def fail(self, message: str) -> NoReturn:
+        self.at.fail(message)
+
+
+@dataclass(frozen=True, slots=True)
+class _Table:
+    """A table device as written, before the references between devices are checked."""
+
+    name: str
+    entries: tuple[_Entry, ...]
+    allow_overlap: bool
+
+    @property
+    def size(self) -> int:
+        return table_size([entry.table_line for entry in self.entries])
+
+
+@dataclass(frozen=True, slots=True)
+class _Region:
+    """A region of a device that one table line maps (bytes), for the overlap check."""
+
+    device: str
+    start: int
+    end: int
+    table: _Table
+    entry: _Entry
+    order: tuple[int, int, int]  # (table, line, reference) in the order of the file
+
+
+def _sectors(start: int, end: int) -> str:
+    return f"sectors {start // SECTOR}..{end // SECTOR}"
+
+
+def _string_lines(item: _Item) -> list[tuple[str, int]]:
+    """(text without comment, YAML line) of each table line in a string: a literal block
+    (`|`) holds one per line, any other string exactly one."""
+    text = item.string()
+    node = item.node
+    assert isinstance(node, ScalarNode)
+    if node.style == "|":
+        first, raw = item.line + 1, _BREAKS.split(text)
+    elif node.style == ">":
+        item.fail("a folded block (>) joins its lines into one; write a literal block (|)")
+    elif _BREAKS.search(text.rstrip("\n")):
+        item.fail("several table lines must be a list, or a literal block (table: |)")
+    else:
+        first, raw = item.line, [text]
+    lines = []
+    for number, line in enumerate(raw):
+        code = line.split("#", 1)[0].strip()
+        if code:
+            lines.append((code, first + number))
+    return lines
+
+
+def _table_texts(item: _Item) -> list[tuple[str, int, str]]:
+    """(text, YAML line, key path) of each table line: a list of strings, one line each, or
+    one string (a literal block `table: |` for several lines; blank and comment lines skipped)."""
+    node = item.node
+    if isinstance(node, SequenceNode):
+        texts = []
+        for entry in item.items():
+            lines = _string_lines(entry)
+            if not lines:
+                entry.fail("empty table line")
+            if len(lines) > 1:
+                entry.fail("one table line per list item")
+            texts.append((*lines[0], entry.path))
+    elif isinstance(node, ScalarNode) and node.tag == _TAG + "str":
+        lines = _string_lines(item)
+        texts = [(text, line, f"{item.path}[{i}]") for i, (text, line) in enumerate(lines)]
+    else:
+        item.expect("a list of table lines, or a literal block of them (table: |)")
+    if not texts:
+        item.fail("expected at least one table line")
+    return texts
+
+
+def _table_entries(item: _Item) -> tuple[_Entry, ...]:
+    """The table lines of a device, each parsed; then checked against each other."""
+    entries: list[_Entry] = []
+    for number, (text, line, path) in enumerate(_table_texts(item), 1):
+        at = _At(item.src, line, path)
+        bad = next((c for c in text if not c.isascii()), None)
+        if bad is not None:
+            at.fail(f"unexpected character {bad!r} (table lines are ASCII)")
+        try:
+            parsed = parse_line(text, number)
+        except TableError as e:
+            at.fail(str(e).removeprefix(f"line {number}: "))
+        except ValueError as e:  # a number Python will not convert (thousands of digits)
+            at.fail(f"invalid table line: {e}")
+        entries.append(_Entry(at, parsed))
+    try:
+        check_lines([entry.table_line for entry in entries])
+    except TableError as e:
+        match = _LINE_PREFIX.match(str(e))
+        if match and 1 <= int(match[1]) <= len(entries):
+            entries[int(match[1]) - 1].fail(str(e)[match.end() :])
+        item.fail(str(e))
+    for entry in entries:
+        end = entry.table_line.start + entry.table_line.length
+        if end * SECTOR > MAX_SIZE:
+            entry.fail(
+                f"ends at sector {end}, beyond the largest device size "
+                f"({MAX_SIZE // SECTOR} sectors, just under 8 EiB)"
+            )
+    return tuple(entries)
+
+
+def _dependency_order(deps: dict[str, list[tuple[str, _Entry]]]) -> list[str]:
+    """Every device after the devices its table names; a reference cycle is an error."""
+    done: set[str] = set()
+    order: list[str] = []
+    for root, names in deps.items():
+        if root in done:
+            continue
+        path = [root]
+        stack = [iter(names)]
+        while stack:
+            for below, entry in stack[-1]:
+                if below in path:
+                    cycle = [*path[path.index(below) :], below]
+                    entry.fail(f"reference cycle: {' -> '.join(cycle)}")
+                if below not in done:
+                    path.append(below)
+                    stack.append(iter(deps[below]))
+                    break
+            else:
+                stack.pop()
+                done.add(path[-1])
+                order.append(path.pop())
+    return order
+
+
+def _check_overlaps(tables: Sequence[_Table]) -> None:
+    """No region of a device is mapped twice, unless a table involved allows it.
+
+    Identical regions named by one line (delay's read and write legs) count once.
+    The error is reported at the line, in file order, that first completes an overlap.
+    """
+    by_device: dict[str, list[_Region]] = {}
+    for t, table in enumerate(tables):
+        for e, entry in enumerate(table.entries):
+            for r, ref in enumerate(dict.fromkeys(entry.table_line.refs())):
+                region = _Region(
+                    ref.device, ref.offset, ref.offset + ref.length, table, entry, (t, e, r)
+                )
+                by_device.setdefault(ref.device, []).append(region)
+    worst: tuple[_Region, _Region] | None = None  # (later, earlier)
+    for regions in by_device.values():
+        active: list[_Region] = []
+        for region in sorted(regions, key=lambda r: (r.start, r.end, r.order)):
+            active = [other for other in active if other.end > region.start]
+            for other in active:
+                if other.table.allow_overlap or region.table.allow_overlap:
+                    continue
+                later, earlier = sorted((region, other), key=lambda r: r.order, reverse=True)
+                if worst is None or (later.order, earlier.order) < (worst[0].order, worst[1].order):
+                    worst = (later, earlier)
+            active.append(region)
+    if worst is None:
+        return
+    later, earlier = worst
+    target = later.entry.table_line.target
+    if later.entry is earlier.entry:
+        both = f"{earlier.start // SECTOR}..{earlier.end // SECTOR} and {later.start // SECTOR}"
+        problem = f"{target} maps sectors {both}..{later.end // SECTOR} of {later.device}"
+        problem += ", which overlap"
+    else:
+        problem = (
+            f"{target} maps {_sectors(later.start, later.end)} of {later.device}, overlapping "
+            f"{_sectors(earlier.start, earlier.end)} mapped by {earlier.entry.path} "
+            f"(line {earlier.entry.line})"
+        )
+    names = dict.fromkeys([earlier.table.name, later.table.name])
+    later.entry.fail(
+        f"{problem}; set allow_overlap: true on {' or '.join(names)} if that is intended"
+    )
+
+
+def _resolve_tables(devices: dict[str, DeviceConfig | _Table]) -> dict[str, DeviceConfig]:
+    """Check what tables name (known devices, no cycles, within bounds, no overlaps) and
+    order the devices so that each comes after the devices its table names."""
+    tables = [device for device in devices.values() if isinstance(device, _Table)]
+    deps: dict[str, list[tuple[str, _Entry]]] = {name: [] for name in devices}
+    for table in tables:
+        for entry in table.entries:
+            for ref in entry.table_line.refs():
+                if ref.device not in devices:
+                    known = ", ".join(devices)
+                    entry.fail(f"unknown device {_short(ref.device)} (known: {known})")
+                deps[table.name].append((ref.device, entry))
+    order = _dependency_order(deps)
+    for table in tables:
+        for entry in table.entries:
+            for ref in entry.table_line.refs():
+                size = devices[ref.device].size
+                if ref.offset + ref.length > size:
+                    entry.fail(
+                        f"{entry.table_line.target} maps "
+                        f"{_sectors(ref.offset, ref.offset + ref.length)} of {ref.device}, "
+                        f"which has only {size // SECTOR} sectors"
+                    )
+    _check_overlaps(tables)
+    resolved: dict[str, DeviceConfig] = {}
+    for name in order:
+        device = devices[name]
+        if isinstance(device, _Table):
+            lines = tuple(entry.table_line for entry in device.entries)
+            device = TableDeviceConfig(name, lines, device.size, device.allow_overlap)
+        resolved[name] = device
+    return resolved
+
+
 def _device(name: str, item: _Item) -> DeviceConfig | _Table:
     fields = item.fields(_DEVICE_KEYS, planned=("luks", "inline_crypto"))
     kinds = [kind for kind in _KINDS if kind in fields]

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from nbdcrypt.device import Device
-from nbdcrypt.dm.target import SECTOR, DeviceRef, Target, TargetError, TargetSpec
+from nbdcrypt.dm.target import SECTOR, DeviceRef, Target, TargetError, TargetSpec, is_number, shown
 from nbdcrypt.targets import TARGETS
 
 
@@ -45,15 +45,17 @@ def parse_line(text: str, number: int = 1) -> TableLine:
         raise TableError(f"line {number}: expected '<start> <length> <target> <args...>'")
     start_text, length_text, target, *args = words
     for what, value in (("start", start_text), ("length", length_text)):
-        if not value.isdigit():
-            raise TableError(f"line {number}: {what} must be a number of sectors, not {value!r}")
+        if not is_number(value):
+            raise TableError(
+                f"line {number}: {what} must be a number of sectors, not {shown(value)}"
+            )
     start, length = int(start_text), int(length_text)
     if length == 0:
         raise TableError(f"line {number}: length must not be 0")
     spec_type = TARGETS.get(target)
     if spec_type is None:
         known = ", ".join(sorted(TARGETS))
-        raise TableError(f"line {number}: unknown target {target!r} (known: {known})")
+        raise TableError(f"line {number}: unknown target {shown(target)} (known: {known})")
     try:
         spec = spec_type.parse(args, length * SECTOR)
     except TargetError as exc:
@@ -63,21 +65,25 @@ def parse_line(text: str, number: int = 1) -> TableLine:
 
 def parse_table(lines: Sequence[str]) -> tuple[TableLine, ...]:
     """Parse and check a whole table (blank lines and # comments are skipped)."""
-    parsed = []
+    parsed, numbers = [], []
     for number, raw in enumerate(lines, 1):
         text = raw.split("#", 1)[0].strip()
         if text:
             parsed.append(parse_line(text, number))
-    check_lines(parsed)
+            numbers.append(number)
+    check_lines(parsed, numbers)
     return tuple(parsed)
 
 
-def check_lines(lines: Sequence[TableLine]) -> None:
-    """Lines must start at sector 0 and follow each other without gaps or overlaps."""
+def check_lines(lines: Sequence[TableLine], numbers: Sequence[int] | None = None) -> None:
+    """Lines must start at sector 0 and follow each other without gaps or overlaps.
+
+    `numbers` names the lines in errors (default: 1, 2, ...).
+    """
     if not lines:
         raise TableError("a table needs at least one line")
     expected = 0
-    for number, line in enumerate(lines, 1):
+    for number, line in zip(numbers or range(1, len(lines) + 1), lines, strict=True):
         if line.start > expected:
             raise TableError(
                 f"line {number}: starts at sector {line.start}, leaving a gap after {expected}"

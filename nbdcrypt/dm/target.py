@@ -37,16 +37,26 @@ class DeviceRef:
     length: int
 
 
+def shown(text: str, limit: int = 40) -> str:
+    """`text` quoted for an error message, cut to `limit` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
+def is_number(text: str) -> bool:
+    """Plain ASCII decimal digits, at most 20 of them (a 64-bit count)."""
+    return text.isascii() and text.isdigit() and len(text) <= 20
+
+
 def parse_sectors(text: str, what: str) -> int:
     """A non-negative decimal count of 512-byte sectors, as dmsetup takes it."""
-    if not text.isdigit():
-        raise TargetError(f"{what} must be a number of 512-byte sectors, not {text!r}")
+    if not is_number(text):
+        raise TargetError(f"{what} must be a number of 512-byte sectors, not {shown(text)}")
     return int(text)
 
 
 def parse_uint(text: str, what: str, *, minimum: int = 0) -> int:
-    if not text.isdigit() or int(text) < minimum:
-        raise TargetError(f"{what} must be an integer >= {minimum}, not {text!r}")
+    if not is_number(text) or int(text) < minimum:
+        raise TargetError(f"{what} must be an integer >= {minimum}, not {shown(text)}")
     return int(text)
 
 

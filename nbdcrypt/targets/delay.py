@@ -56,7 +56,7 @@ class DelaySpec(TargetSpec):
         return cls(legs[0], legs[1], legs[2])
 
     def refs(self, length: int) -> list[DeviceRef]:
-        legs = {self.read_leg, self.write_leg, self.flush_leg}
+        legs = dict.fromkeys((self.read_leg, self.write_leg, self.flush_leg))  # ordered, unique
         return [DeviceRef(leg.device, leg.offset * SECTOR, length) for leg in legs]
 
     def build(self, length: int, devices: Mapping[str, Device]) -> DelayTarget:

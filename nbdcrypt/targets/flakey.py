@@ -96,6 +96,16 @@ class FlakeySpec(TargetSpec):
                 raise TargetError(f"unknown feature {word!r}")
         if {"drop_writes", "error_writes"} <= features:
             raise TargetError("drop_writes and error_writes are mutually exclusive")
+        if (
+            corrupt is not None
+            and corrupt.direction == "w"
+            and features
+            & {
+                "drop_writes",
+                "error_writes",
+            }
+        ):
+            raise TargetError("corrupt_bio_byte on writes conflicts with drop_writes/error_writes")
         return frozenset(features), corrupt
 
     def refs(self, length: int) -> list[DeviceRef]:
@@ -161,6 +171,24 @@ class FlakeyTarget(RemapTarget):
                 _corrupt(data, spec.corrupt)
                 req = Request(req.op, req.offset, req.length, req.flags, data)
         await super().write(req)
+
+    async def trim(self, req: Request) -> None:
+        if self._writes_fail():
+            raise _eio()
+        if not (self.is_down() and "drop_writes" in self.flakey.features):
+            await super().trim(req)
+
+    async def write_zeroes(self, req: Request) -> None:
+        if self._writes_fail():
+            raise _eio()
+        if not (self.is_down() and "drop_writes" in self.flakey.features):
+            await super().write_zeroes(req)
+
+    def _writes_fail(self) -> bool:
+        spec = self.flakey
+        if not self.is_down():
+            return False
+        return (not spec.features and spec.corrupt is None) or "error_writes" in spec.features
 
     def status(self) -> str:
         return "down" if self.is_down() else "up"

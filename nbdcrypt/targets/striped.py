@@ -86,9 +86,5 @@ class StripedTarget(RemapTarget):
         return self.devices[stripe], where, min(length, self.chunk - within)
 
     def status(self) -> str:
-        return (
-            f"{len(self.devices)} "
-            + " ".join(d.name for d in self.devices)
-            + " "
-            + "A" * len(self.devices)
-        )
+        names = " ".join(d.name for d in self.devices)
+        return f"{len(self.devices)} {names} 1 {'A' * len(self.devices)}"  # as dm-stripe prints
