@@ -1,8 +1,9 @@
-"""The `nbdcrypt` command line: serve, check."""
+"""The `nbdcrypt` command line: serve, check, ctl."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -13,7 +14,15 @@ import uvloop
 from nbdcrypt import __version__
 from nbdcrypt.backends.file import BackingFileError
 from nbdcrypt.config.loader import ConfigError, load_config
-from nbdcrypt.config.model import Config, FileDeviceConfig, MemoryDeviceConfig
+from nbdcrypt.config.model import (
+    Config,
+    FileDeviceConfig,
+    MemoryDeviceConfig,
+    TableDeviceConfig,
+)
+from nbdcrypt.control.client import add_parser as add_ctl_parser
+from nbdcrypt.control.client import socket_path
+from nbdcrypt.keyring import KeyFileError
 from nbdcrypt.server.app import Server
 
 log = logging.getLogger("nbdcrypt")
@@ -45,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tcp://HOST:PORT or unix:///PATH; repeatable; replaces server.listen",
     )
     serve.add_argument(
+        "--control",
+        type=socket_path,
+        metavar="PATH",
+        help="the control socket for `nbdcrypt ctl` (mode 0600); replaces server.control",
+    )
+    serve.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", help="default: %(default)s"
     )
     serve.set_defaults(func=_serve)
@@ -56,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config(check)
     check.set_defaults(func=_check)
+    add_ctl_parser(sub)
     return parser
 
 
@@ -74,6 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BackingFileError as exc:
         print(f"nbdcrypt: backing file: {exc}", file=sys.stderr)
         return 1
+    except KeyFileError as exc:
+        print(f"nbdcrypt: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return code
@@ -86,6 +105,10 @@ def _serve(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     config = load_config(args.config, listen_override=args.listen)
+    if args.control is not None:
+        config = dataclasses.replace(
+            config, server=dataclasses.replace(config.server, control=args.control)
+        )
 
     async def run() -> int:
         server = Server(config)
@@ -110,8 +133,56 @@ def _human(size: int) -> str:
     raise AssertionError
 
 
+def _below(config: Config, name: str) -> list[str]:
+    """The devices a table names, once each, in the order of its lines."""
+    device = config.devices[name]
+    if not isinstance(device, TableDeviceConfig):
+        return []
+    rank = {name: i for i, name in enumerate(config.devices)}  # a line's refs: a stable order
+    names = (sorted({r.device for r in line.refs()}, key=rank.__getitem__) for line in device.lines)
+    return list(dict.fromkeys(name for line_names in names for name in line_names))
+
+
+def stack(config: Config, name: str) -> str:
+    """The devices below `name`, as a tree: `top -> pool -> a, b`, `top -> (pool -> a), c`.
+
+    A device's lower devices follow its arrow, separated by commas; one that has devices of its
+    own is put in parentheses when it has siblings.
+    """
+    below = [stack(config, lower) for lower in _below(config, name)]
+    if not below:
+        return name
+    if len(below) > 1:
+        below = [f"({part})" if " -> " in part else part for part in below]
+    return f"{name} -> {', '.join(below)}"
+
+
+def _crypto_stops(config: Config, name: str) -> list[str]:
+    """The targets in and below a table that do not pass inline crypto: `zero in pool`."""
+    device = config.devices[name]
+    if not isinstance(device, TableDeviceConfig):
+        return []
+    stops = [f"{line.target} in {name}" for line in device.lines if not line.spec.passes_crypto]
+    for lower in _below(config, name):
+        stops += _crypto_stops(config, lower)
+    return list(dict.fromkeys(stops))
+
+
+def _describe_table(name: str, dev: TableDeviceConfig, config: Config) -> list[str]:
+    count = f"{len(dev.lines)} line" + ("s" if len(dev.lines) != 1 else "")
+    stops = _crypto_stops(config, name)
+    crypto = f"does not pass inline crypto ({', '.join(stops)})" if stops else ""
+    header = ", ".join(part for part in (f"{name}: table", _human(dev.size), count, crypto) if part)
+    if dev.allow_overlap:
+        header += ", allow_overlap"
+    lines = [f"  {header}"]
+    lines += [f"    {line.text()}" for line in dev.lines]
+    lines.append(f"    stack: {stack(config, name)}")
+    return lines
+
+
 def describe(config: Config) -> str:
-    """What `check` prints: listeners, devices and exports, resolved."""
+    """What `check` prints: listeners, devices (tables with their lines) and exports, resolved."""
     lines = [f"config: {config.source}", "listen:"]
     lines += [f"  {address}" for address in config.server.listen]
     lines.append("devices:")
@@ -121,6 +192,8 @@ def describe(config: Config) -> str:
             lines.append(f"  {name}: file {dev.path}, {_human(dev.size)}{note}")
         elif isinstance(dev, MemoryDeviceConfig):
             lines.append(f"  {name}: memory, {_human(dev.size)}")
+        else:
+            lines += _describe_table(name, dev, config)
     lines.append("exports:")
     for name, exp in config.exports.items():
         size = config.devices[exp.device].size
@@ -130,6 +203,8 @@ def describe(config: Config) -> str:
         if exp.default:
             traits.append("default export")
         lines.append(f"  {name!r}: device {exp.device}, {_human(size)}, {', '.join(traits)}")
+        if isinstance(config.devices[exp.device], TableDeviceConfig):
+            lines.append(f"    stack: {stack(config, exp.device)}")
         if exp.description:
             lines.append(f"    description: {exp.description}")
     return "\n".join(lines)

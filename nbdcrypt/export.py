@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from nbdcrypt.blkcrypto.key import CryptoKey
+from nbdcrypt.blkcrypto.submit import CryptSubmitter
 from nbdcrypt.device import Device
 from nbdcrypt.nbd.constants import MAX_PAYLOAD, TransmissionFlag
 
@@ -12,11 +14,20 @@ PREFERRED_BLOCK = 4096
 
 @dataclass(frozen=True, slots=True)
 class Export:
+    """`device` is the device exported; `io` is what requests are submitted to: the device
+    itself, or the device seen through the export's key (a CryptSubmitter)."""
+
     name: str
     device: Device
     readonly: bool = False
     description: str = ""
     multi_conn: bool = True
+    key: CryptoKey | None = None
+    io: Device = field(init=False)
+
+    def __post_init__(self) -> None:
+        io = self.device if self.key is None else CryptSubmitter(self.device, self.key)
+        object.__setattr__(self, "io", io)
 
     @property
     def size(self) -> int:
@@ -24,13 +35,13 @@ class Export:
 
     @property
     def block_sizes(self) -> tuple[int, int, int]:
-        """NBD_INFO_BLOCK_SIZE: minimum, preferred, maximum."""
-        minimum = self.device.caps.block_size
+        """NBD_INFO_BLOCK_SIZE: minimum (the data unit size with a key), preferred, maximum."""
+        minimum = self.io.caps.block_size
         return minimum, max(minimum, PREFERRED_BLOCK), MAX_PAYLOAD
 
     def transmission_flags(self, *, structured: bool) -> int:
         """Exactly what this export can do, as NBD transmission flags."""
-        caps = self.device.caps
+        caps = self.io.caps
         tf = TransmissionFlag
         flags = tf.HAS_FLAGS | tf.SEND_FLUSH | tf.SEND_FUA
         if self.readonly:  # no point offering what would only fail with EPERM

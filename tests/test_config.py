@@ -335,12 +335,23 @@ ERRORS = [
     (
         "unknown-top",
         SERVER + DEVICES + EXPORTS + "colour: blue\n",
-        "9: colour: unknown key (allowed: server, devices, exports)",
+        "9: colour: unknown key (allowed: server, keys, devices, exports)",
     ),
     (
-        "planned-keys",
-        SERVER + DEVICES + EXPORTS + "keys: {}\n",
-        "9: keys: not supported yet (planned)",
+        "key-unknown-mode",
+        SERVER + DEVICES + EXPORTS + "keys:\n  k: {mode: sm4-xts, data_unit_size: 512}\n",
+        "10: keys.k.mode: mode 'sm4-xts' is not supported: SM4-XTS is not implemented "
+        "(OpenSSL's SM4 is not reachable through cryptography)",
+    ),
+    (
+        "key-bad-unit",
+        SERVER + DEVICES + EXPORTS + "keys:\n  k: {mode: aes-256-xts, data_unit_size: 8192}\n",
+        "10: keys.k.data_unit_size: a data unit size is one of 512, 1024, 2048, 4096, not 8192",
+    ),
+    (
+        "export-unknown-key",
+        SERVER + DEVICES + "exports:\n  a: {device: mem, key: nope}\n",
+        "7: exports.a.key: unknown key 'nope' (keys: none)",
     ),
     (
         "planned-clients",
@@ -370,7 +381,7 @@ ERRORS = [
     (
         "server-unknown",
         "server:\n  listen: tcp://h\n  port: 1\n" + DEVICES + EXPORTS,
-        "3: server.port: unknown key (allowed: listen, limits, tls)",
+        "3: server.port: unknown key (allowed: listen, limits, tls, control)",
     ),
     (
         "missing-listen",
@@ -408,9 +419,9 @@ ERRORS = [
         "4: server.listen[1]: duplicate address (first at line 3)",
     ),
     (
-        "control",
-        SERVER + "  control: unix:///run/c.sock\n" + DEVICES + EXPORTS,
-        "3: server.control: not supported yet (planned)",
+        "control-tcp",
+        SERVER + "  control: tcp://127.0.0.1:9\n" + DEVICES + EXPORTS,
+        "3: server.control: the control socket must be a unix socket: unix:///PATH",
     ),
     (
         "metrics",
@@ -537,7 +548,8 @@ ERRORS = [
     (
         "device-unknown-key",
         SERVER + "devices:\n  mem:\n    memory: 1M\n    sparse: true\n" + EXPORTS,
-        "6: devices.mem.sparse: unknown key (allowed: file, size, memory, table, allow_overlap)",
+        "6: devices.mem.sparse: unknown key "
+        "(allowed: file, size, memory, table, allow_overlap, inline_crypto)",
     ),
     (
         "memory-size",
@@ -560,9 +572,9 @@ ERRORS = [
         "6: devices.pool.luks: not supported yet (planned)",
     ),
     (
-        "inline-crypto",
+        "inline-crypto-no-modes",
         SERVER + DEVICES + "  pool: {memory: 1M, inline_crypto: {keyslots: 4}}\n" + EXPORTS,
-        "6: devices.pool.inline_crypto: not supported yet (planned)",
+        "6: devices.pool.inline_crypto: missing key 'modes'",
     ),
     (
         "size-1000",
@@ -655,7 +667,7 @@ ERRORS = [
         "export-unknown-key",
         SERVER + DEVICES + "exports:\n  a: {device: mem, readOnly: true}\n",
         "7: exports.a.readOnly: unknown key (allowed: device, readonly, description, "
-        "multi_conn, default)",
+        "multi_conn, default, key)",
     ),
     (
         "export-encryption",

@@ -239,7 +239,7 @@ ERRORS = [
         "unknown-target",
         HEAD + AB + "  t: {table: ['0 8 mirror a 0']}\n",
         "6: devices.t.table[0]: unknown target 'mirror' "
-        "(known: crypt, delay, error, flakey, linear, striped, zero)",
+        "(known: crypt, default-key, delay, error, flakey, linear, striped, zero)",
     ),
     (
         "argument-count",
@@ -382,7 +382,8 @@ ERRORS = [
     (
         "unknown-key",
         HEAD + AB + "  t: {table: ['0 8 zero'], overlap: true}\n",
-        "6: devices.t.overlap: unknown key (allowed: file, size, memory, table, allow_overlap)",
+        "6: devices.t.overlap: unknown key "
+        "(allowed: file, size, memory, table, allow_overlap, inline_crypto)",
     ),
     (
         "no-kind",

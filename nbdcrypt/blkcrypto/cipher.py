@@ -4,17 +4,17 @@ The IV of a data unit is its DUN as a 16-byte little-endian number, as the kerne
 fallback makes it; for AES-128-CBC-ESSIV the IV is that number encrypted with SHA-256 of the
 key (ESSIV). So AES-256-XTS at DUN n equals dm-crypt's aes-xts-plain64 at IV sector n, and
 AES-128-CBC-ESSIV equals dm-crypt's aes-cbc-essiv:sha256. The inline engines and the software
-fallback both use this class, which is why their ciphertext is identical.
+fallback both use this class, which is why their ciphertext is identical. The batched ciphers
+of nbdcrypt.crypto do whole requests in a few calls, not one per data unit.
 """
 
 from __future__ import annotations
 
 import errno
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
 from nbdcrypt.blkcrypto.key import CryptoKey, CryptoMode
+from nbdcrypt.crypto.cbc import CbcCipher
+from nbdcrypt.crypto.xts import XtsCipher
 
 Buffer = bytes | bytearray | memoryview
 
@@ -22,42 +22,30 @@ Buffer = bytes | bytearray | memoryview
 class UnitCipher:
     """Encrypts and decrypts runs of whole data units of one key."""
 
+    __slots__ = ("_impl", "key_id", "unit")
+
     def __init__(self, key: CryptoKey) -> None:
         self.key_id = key.key_id
         self.unit = key.data_unit_size
-        self._xts = key.mode is CryptoMode.AES_256_XTS
         raw = bytes(key.raw)
-        self._aes = algorithms.AES(raw)
-        self._essiv = None
-        if not self._xts:
-            digest = hashes.Hash(hashes.SHA256())
-            digest.update(raw)
-            self._essiv = Cipher(algorithms.AES(digest.finalize()), modes.ECB()).encryptor()
+        if key.mode is CryptoMode.AES_256_XTS:
+            self._impl: XtsCipher | CbcCipher = XtsCipher(raw, iv_bits=128)
+        else:
+            self._impl = CbcCipher(raw, essiv="sha256", iv_bits=128)
 
-    def _iv(self, dun: int) -> bytes:
-        iv = dun.to_bytes(16, "little")
-        return iv if self._essiv is None else self._essiv.update(iv)
-
-    def _run(self, dun: int, data: Buffer, encrypt: bool) -> bytearray:
-        unit = self.unit
-        if len(data) % unit:
+    def _check(self, data: Buffer) -> None:
+        if len(data) % self.unit:
             raise OSError(
-                errno.EINVAL, f"{len(data)} bytes is not a whole number of {unit}-byte data units"
+                errno.EINVAL, f"{len(data)} bytes is not a whole number of {self.unit}-byte units"
             )
-        view = memoryview(data)
-        out = bytearray(len(data) + 15)  # update_into wants a block of slack
-        outview = memoryview(out)
-        for i, at in enumerate(range(0, len(data), unit)):
-            mode = modes.XTS(self._iv(dun + i)) if self._xts else modes.CBC(self._iv(dun + i))
-            cipher = Cipher(self._aes, mode)
-            ctx = cipher.encryptor() if encrypt else cipher.decryptor()
-            ctx.update_into(view[at : at + unit], outview[at : at + unit + 15])
-        del outview
-        del out[len(data) :]
-        return out
 
-    def encrypt(self, dun: int, data: Buffer) -> bytearray:
-        return self._run(dun, data, True)
+    def encrypt(self, dun: int, data: Buffer) -> memoryview:
+        self._check(data)
+        return self._impl.encrypt(data, dun, self.unit)
 
-    def decrypt(self, dun: int, data: Buffer) -> bytearray:
-        return self._run(dun, data, False)
+    def decrypt(self, dun: int, data: Buffer) -> memoryview:
+        self._check(data)
+        return self._impl.decrypt(data, dun, self.unit)
+
+    def __repr__(self) -> str:
+        return f"UnitCipher({self.key_id!r}, {self.unit})"

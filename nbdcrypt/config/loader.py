@@ -21,6 +21,8 @@ from typing import NoReturn, TypeVar
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from nbdcrypt.blkcrypto.key import DATA_UNIT_SIZES, CryptoMode, parse_mode
+from nbdcrypt.blkcrypto.profile import CryptoCaps
 from nbdcrypt.dm.table import TableError, TableLine, check_lines, parse_line, table_size
 
 from .model import (
@@ -29,6 +31,8 @@ from .model import (
     DeviceConfig,
     ExportConfig,
     FileDeviceConfig,
+    InlineCryptoConfig,
+    KeyConfig,
     Limits,
     ListenAddress,
     MemoryDeviceConfig,
@@ -51,8 +55,9 @@ _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _PLANNED = "not supported yet (planned)"
 _CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
-_EXPORT_KEYS = ("device", "readonly", "description", "multi_conn", "default")
-_DEVICE_KEYS = ("file", "size", "memory", "table", "allow_overlap")
+_EXPORT_KEYS = ("device", "readonly", "description", "multi_conn", "default", "key")
+_DEVICE_KEYS = ("file", "size", "memory", "table", "allow_overlap", "inline_crypto")
+_KEY_KEYS = ("mode", "data_unit_size", "dun_bytes", "source")
 _KINDS = {"file": "a file", "memory": "a memory device", "table": "a table"}
 _LINE_PREFIX = re.compile(r"line ([0-9]+): ")
 _BREAKS = re.compile("\r\n|[\n\r\x85\u2028\u2029]")  # what PyYAML counts as a new line
@@ -455,14 +460,23 @@ def _server(top: _Fields, override: tuple[ListenAddress, ...]) -> ServerConfig:
         if not override:
             top.require("server", why)
         return ServerConfig(override)
-    fields = item.fields(("listen", "limits", "tls"), planned=("control", "metrics"))
+    fields = item.fields(("listen", "limits", "tls", "control"), planned=("metrics",))
     if "tls" in fields:
         _tls(fields.require("tls"))
     no_listen: tuple[ListenAddress, ...] = ()
     listen = fields.opt("listen", _listen, no_listen)
     if not override:
         fields.require("listen", why)
-    return ServerConfig(override or listen, _limits(fields.get("limits")))
+    control = fields.opt("control", _control, None)
+    return ServerConfig(override or listen, _limits(fields.get("limits")), control)
+
+
+def _control(item: _Item) -> Path:
+    """`control: unix:///PATH` (or unix://relative): the control socket's path."""
+    address = item.convert(lambda url: parse_listen(url, base=item.src.base), item.string())
+    if address.scheme != "unix" or address.path is None:
+        item.fail("the control socket must be a unix socket: unix:///PATH")
+    return address.path
 
 
 def _existing(path: Path) -> tuple[str, int] | None:
@@ -502,13 +516,89 @@ def _file_device(name: str, fields: _Fields) -> FileDeviceConfig:
             fields.item.fail_whole(
                 f"missing key 'size' (required because {path} does not exist yet)"
             )
-        return FileDeviceConfig(name, path, size, create=True)
+        return FileDeviceConfig(name, path, size, create=True, inline_crypto=_engine(fields))
     kind, actual = existing
     if size_item is not None and size != actual:
         size_item.fail(f"existing {kind} is {actual} bytes, config says {size}")
     if actual == 0 or actual % SECTOR:
         item.fail(f"existing {kind} {path} is {actual} bytes, not a positive multiple of {SECTOR}")
-    return FileDeviceConfig(name, path, actual, create=False)
+    return FileDeviceConfig(name, path, actual, create=False, inline_crypto=_engine(fields))
+
+
+# --- keys and inline encryption ----------------------------------------------------------------
+
+
+def _mode(item: _Item) -> CryptoMode:
+    return item.convert(parse_mode, item.string())
+
+
+def _data_unit_size(item: _Item) -> int:
+    size = item.integer()
+    if size not in DATA_UNIT_SIZES:
+        item.fail(f"a data unit size is one of {', '.join(map(str, DATA_UNIT_SIZES))}, not {size}")
+    return size
+
+
+def _dun_bytes(item: _Item) -> int:
+    value = item.integer()
+    if not 1 <= value <= 8:
+        item.fail(f"expected 1 to 8 bytes, got {value}")
+    return value
+
+
+def _engine(fields: _Fields) -> InlineCryptoConfig | None:
+    """`inline_crypto: {keyslots: N, modes: {MODE: [UNIT, ...]}, max_dun_bytes: N}`."""
+    item = fields.get("inline_crypto")
+    if item is None:
+        return None
+    engine = item.fields(("keyslots", "modes", "max_dun_bytes"))
+    keyslots = engine.require("keyslots").integer()
+    if not 0 <= keyslots <= 1024:
+        engine.require("keyslots").fail(f"expected 0 to 1024 keyslots, got {keyslots}")
+    modes: dict[CryptoMode, tuple[int, ...]] = {}
+    for _, key, units in engine.require("modes").pairs():
+        sizes = tuple(_data_unit_size(unit) for unit in units.items())
+        if not isinstance(units.node, SequenceNode) or not sizes:
+            units.expect("a list of data unit sizes such as [512, 4096]")
+        modes[_mode(key)] = sizes
+    if not modes:
+        engine.require("modes").fail("expected at least one mode")
+    return InlineCryptoConfig(
+        keyslots, CryptoCaps.of(modes, _dun_bytes(engine.require("max_dun_bytes")))
+    )
+
+
+def _key(name: str, item: _Item) -> KeyConfig:
+    fields = item.fields(_KEY_KEYS)
+    mode = _mode(fields.require("mode"))
+    unit = _data_unit_size(fields.require("data_unit_size"))
+    dun_bytes = fields.opt("dun_bytes", _dun_bytes, 8)
+    source = fields.require("source").fields(("file", "create"), planned=("env", "credential"))
+    where = source.require("file")
+    text = where.string()
+    if not text or "\0" in text:
+        where.fail("expected a file path")
+    return KeyConfig(
+        name,
+        mode,
+        unit,
+        dun_bytes,
+        where.src.base / text,
+        source.opt("create", _Item.boolean, False),
+    )
+
+
+def _keys(item: _Item | None) -> dict[str, KeyConfig]:
+    if item is None:
+        return {}
+    keys = {}
+    for name, key, value in item.pairs():
+        if not _DEVICE_NAME.match(name):
+            key.fail(
+                "invalid key name (letters, digits, '_', '.' and '-'; first a letter or digit)"
+            )
+        keys[name] = _key(name, value)
+    return keys
 
 
 # --- dm tables -------------------------------------------------------------------------------
@@ -757,7 +847,7 @@ def _resolve_tables(devices: dict[str, DeviceConfig | _Table]) -> dict[str, Devi
 
 
 def _device(name: str, item: _Item) -> DeviceConfig | _Table:
-    fields = item.fields(_DEVICE_KEYS, planned=("luks", "inline_crypto"))
+    fields = item.fields(_DEVICE_KEYS, planned=("luks",))
     kinds = [kind for kind in _KINDS if kind in fields]
     if not kinds:
         item.fail_whole(
@@ -770,6 +860,10 @@ def _device(name: str, item: _Item) -> DeviceConfig | _Table:
         )
     if "allow_overlap" in fields and kinds[0] != "table":
         fields.key("allow_overlap").fail("only for table devices")
+    if "inline_crypto" in fields and kinds[0] == "table":
+        fields.key("inline_crypto").fail(
+            "a table device passes through what the devices below it can do (set it there)"
+        )
     if kinds[0] == "file":
         return _file_device(name, fields)
     if "size" in fields:
@@ -781,7 +875,7 @@ def _device(name: str, item: _Item) -> DeviceConfig | _Table:
     if kinds[0] == "table":
         entries = _table_entries(fields.require("table"))
         return _Table(name, entries, fields.opt("allow_overlap", _Item.boolean, False))
-    return MemoryDeviceConfig(name, fields.require("memory").size())
+    return MemoryDeviceConfig(name, fields.require("memory").size(), _engine(fields))
 
 
 def _devices(item: _Item) -> dict[str, DeviceConfig]:
@@ -812,8 +906,13 @@ def _text(what: str) -> Callable[[str], str]:
     return check
 
 
-def _export(name: str, fields: _Fields, devices: dict[str, DeviceConfig]) -> ExportConfig:
+def _export(
+    name: str, fields: _Fields, devices: dict[str, DeviceConfig], keys: dict[str, KeyConfig]
+) -> ExportConfig:
     device = fields.require("device")
+    key = fields.get("key")
+    if key is not None and key.string() not in keys:
+        key.fail(f"unknown key {_short(key.string())} (keys: {', '.join(keys) or 'none'})")
     if device.string() not in devices:
         known = ", ".join(devices) or "none"
         device.fail(f"unknown device {_short(device.string())} (known: {known})")
@@ -825,10 +924,13 @@ def _export(name: str, fields: _Fields, devices: dict[str, DeviceConfig]) -> Exp
         description=fields.opt("description", lambda i: i.convert(describe, i.string()), ""),
         multi_conn=fields.opt("multi_conn", _Item.boolean, True),
         default=fields.opt("default", _Item.boolean, False),
+        key=key.string() if key is not None else None,
     )
 
 
-def _exports(item: _Item, devices: dict[str, DeviceConfig]) -> dict[str, ExportConfig]:
+def _exports(
+    item: _Item, devices: dict[str, DeviceConfig], keys: dict[str, KeyConfig]
+) -> dict[str, ExportConfig]:
     exports: dict[str, ExportConfig] = {}
     default: tuple[str, int] | None = None
     for name, key, value in item.pairs():
@@ -836,7 +938,7 @@ def _exports(item: _Item, devices: dict[str, DeviceConfig]) -> dict[str, ExportC
             key.fail("an export name must not be empty (use default: true for the empty name)")
         key.convert(_text("export name"), name)
         fields = value.fields(_EXPORT_KEYS, planned=("encryption",))
-        export = exports[name] = _export(name, fields, devices)
+        export = exports[name] = _export(name, fields, devices, keys)
         if export.default and default:
             again = f"more than one default export (also {_short(default[0])}, line {default[1]})"
             fields.require("default").fail(again)
@@ -853,8 +955,10 @@ def load_config(path: Path, *, listen_override: Sequence[str] = ()) -> Config:
     source = path.absolute()
     src = _Source(str(path), source.parent)
     top = _compose(src, _read(src, path)).fields(
-        ("server", "devices", "exports"), planned=("keys", "clients")
+        ("server", "keys", "devices", "exports"), planned=("clients",)
     )
     server = _server(top, override)
+    keys = _keys(top.get("keys"))
     devices = _devices(top.require("devices"))
-    return Config(source, server, devices, _exports(top.require("exports"), devices))
+    exports = _exports(top.require("exports"), devices, keys)
+    return Config(source, server, devices, exports, keys)

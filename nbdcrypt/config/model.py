@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nbdcrypt.blkcrypto.key import CryptoMode
+from nbdcrypt.blkcrypto.profile import CryptoCaps
 from nbdcrypt.dm.table import TableLine
 
 SECTOR = 512
@@ -50,6 +52,26 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class InlineCryptoConfig:
+    """An inline-encryption engine in front of a device: what it can do and its keyslots."""
+
+    keyslots: int  # 0: no keyslots, the engine takes the raw key with every request
+    caps: CryptoCaps
+
+
+@dataclass(frozen=True, slots=True)
+class KeyConfig:
+    """A key of the keyring: what it is for and where its bytes come from (never the bytes)."""
+
+    name: str
+    mode: CryptoMode
+    data_unit_size: int
+    dun_bytes: int
+    file: Path  # raw bytes or hex; refused if group- or world-accessible
+    create: bool = False  # make a random key file (mode 0600) if it is missing
+
+
+@dataclass(frozen=True, slots=True)
 class FileDeviceConfig:
     """A backing file; created sparse with `size` when missing."""
 
@@ -57,6 +79,7 @@ class FileDeviceConfig:
     path: Path
     size: int  # bytes, a multiple of 512
     create: bool  # the file did not exist at load time and will be created
+    inline_crypto: InlineCryptoConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +88,7 @@ class MemoryDeviceConfig:
 
     name: str
     size: int
+    inline_crypto: InlineCryptoConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +112,7 @@ class ExportConfig:
     description: str = ""
     multi_conn: bool = True  # advertised only if the device can honour it
     default: bool = False  # served for the empty export name
+    key: str | None = None  # a key of Config.keys every connection's requests carry
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +121,7 @@ class Config:
     server: ServerConfig
     devices: dict[str, DeviceConfig]  # every device after the devices its table names
     exports: dict[str, ExportConfig]
+    keys: dict[str, KeyConfig] = field(default_factory=dict)
 
     @property
     def default_export(self) -> ExportConfig | None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 from nbdcrypt.backends.file import FileDevice
 from nbdcrypt.backends.memory import MemoryDevice
+from nbdcrypt.blkcrypto.engine import InlineCryptoDevice
+from nbdcrypt.blkcrypto.key import CryptoKey
 from nbdcrypt.config.model import (
     Config,
     DeviceConfig,
@@ -25,10 +27,13 @@ from nbdcrypt.config.model import (
     MemoryDeviceConfig,
     TableDeviceConfig,
 )
+from nbdcrypt.control.commands import Controller, resume_suspended
+from nbdcrypt.control.server import ControlServer
 from nbdcrypt.device import Device
 from nbdcrypt.dm.device import MappedDevice
 from nbdcrypt.dm.table import Table
 from nbdcrypt.export import Export
+from nbdcrypt.keyring import load_key
 from nbdcrypt.server.connection import Connection
 
 log = logging.getLogger("nbdcrypt.server")
@@ -64,16 +69,22 @@ class ServerState:
 
 def open_device(cfg: DeviceConfig, opened: dict[str, Device]) -> Device:
     """Open one configured device; `opened` holds the devices it may stand on."""
-    if isinstance(cfg, FileDeviceConfig):
-        return FileDevice(cfg.name, cfg.path, cfg.size, create=cfg.create)
-    if isinstance(cfg, MemoryDeviceConfig):
-        return MemoryDevice(cfg.name, cfg.size)
+    if isinstance(cfg, FileDeviceConfig | MemoryDeviceConfig):
+        raw: Device = (
+            FileDevice(cfg.name, cfg.path, cfg.size, create=cfg.create)
+            if isinstance(cfg, FileDeviceConfig)
+            else MemoryDevice(cfg.name, cfg.size)
+        )
+        engine = cfg.inline_crypto
+        return raw if engine is None else InlineCryptoDevice(raw, engine.caps, engine.keyslots)
     if isinstance(cfg, TableDeviceConfig):
         return MappedDevice(cfg.name, Table.build(cfg.lines, opened))
     raise TypeError(f"unknown device kind {type(cfg).__name__}")
 
 
-def build_exports(config: Config, devices: dict[str, Device]) -> dict[str, Export]:
+def build_exports(
+    config: Config, devices: dict[str, Device], keys: dict[str, CryptoKey]
+) -> dict[str, Export]:
     return {
         name: Export(
             name=name,
@@ -81,6 +92,7 @@ def build_exports(config: Config, devices: dict[str, Device]) -> dict[str, Expor
             readonly=e.readonly,
             description=e.description,
             multi_conn=e.multi_conn,
+            key=keys[e.key] if e.key is not None else None,
         )
         for name, e in config.exports.items()
     }
@@ -95,6 +107,8 @@ class Server:
         self._listeners: list[asyncio.Server] = []
         self._unix_paths: list[str] = []
         self._stop = asyncio.Event()
+        self.control: ControlServer | None = None
+        self.keys = {name: load_key(key_cfg) for name, key_cfg in config.keys.items()}
         try:
             for name, dev_cfg in config.devices.items():
                 self.devices[name] = open_device(dev_cfg, self.devices)
@@ -103,12 +117,16 @@ class Server:
             raise
         default = config.default_export
         self.state = ServerState(
-            exports=build_exports(config, self.devices),
+            exports=build_exports(config, self.devices, self.keys),
             default_export=default.name if default else None,
             limits=config.server.limits,
         )
 
     async def start(self) -> None:
+        if self.config.server.control is not None:  # first: ready for ctl once clients can come
+            control = ControlServer(Controller(self.devices), self.config.server.control)
+            await control.start()
+            self.control = control
         for address in self.config.server.listen:
             self._listeners.append(await self._listen(address))
             log.info("listening on %s", address)
@@ -164,6 +182,9 @@ class Server:
             server.close()
         for path in self._unix_paths:
             _remove_stale_socket(path)
+        if self.control is not None:
+            await self.control.close()
+        resume_suspended(self.devices)  # I/O held by a suspended device finishes before the end
         conns = list(self.state.connections)
         for conn in conns:
             conn.begin_shutdown()

@@ -127,8 +127,8 @@ class Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         self.state.unregister(self)
-        if self._parser is not None:
-            self._device.openers -= 1
+        if self._parser is not None and self.export is not None:
+            self.export.device.openers -= 1
         if not self._closed.done():
             self._closed.set_result(None)
         if self.export is not None:
@@ -240,8 +240,8 @@ class Connection(asyncio.Protocol):
             block_status=neg.base_allocation,
             min_block=export.block_sizes[0],
         )
-        self._device = export.device
-        self._device.openers += 1
+        self._device = export.io
+        export.device.openers += 1
         self._sparse_read_min = (
             SPARSE_READ_MIN
             if neg.structured_replies and export.device.caps.can_extents

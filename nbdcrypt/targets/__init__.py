@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from nbdcrypt.dm.target import TargetSpec
+from nbdcrypt.targets.crypt import CryptSpec
+from nbdcrypt.targets.default_key import DefaultKeySpec
 from nbdcrypt.targets.delay import DelaySpec
 from nbdcrypt.targets.flakey import FlakeySpec
 from nbdcrypt.targets.linear import LinearSpec
@@ -15,6 +17,15 @@ from nbdcrypt.targets.zero import ErrorSpec, ZeroSpec
 TARGETS: Mapping[str, type[TargetSpec]] = MappingProxyType(
     {
         spec.name: spec
-        for spec in (LinearSpec, StripedSpec, ZeroSpec, ErrorSpec, FlakeySpec, DelaySpec)
+        for spec in (
+            LinearSpec,
+            StripedSpec,
+            ZeroSpec,
+            ErrorSpec,
+            FlakeySpec,
+            DelaySpec,
+            CryptSpec,
+            DefaultKeySpec,
+        )
     }
 )
