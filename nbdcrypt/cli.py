@@ -13,6 +13,7 @@ import uvloop
 
 from nbdcrypt import __version__
 from nbdcrypt.backends.file import BackingFileError
+from nbdcrypt.blkcrypto.profile import CryptoCaps
 from nbdcrypt.config.loader import ConfigError, load_config
 from nbdcrypt.config.model import (
     Config,
@@ -181,6 +182,41 @@ def _describe_table(name: str, dev: TableDeviceConfig, config: Config) -> list[s
     return lines
 
 
+def crypto_profile(config: Config, name: str) -> CryptoCaps:
+    """A device's inline-crypto profile as the server will build it: its engine's, or for a
+    table the intersection below when every target passes crypto (dm passthrough)."""
+    device = config.devices[name]
+    if not isinstance(device, TableDeviceConfig):
+        return device.inline_crypto.caps if device.inline_crypto else CryptoCaps.none()
+    caps = CryptoCaps.everything()
+    for line in device.lines:
+        if not line.spec.passes_crypto:
+            return CryptoCaps.none()
+        for ref in line.refs():
+            caps &= crypto_profile(config, ref.device)
+    return caps if caps else CryptoCaps.none()
+
+
+def _profile_line(config: Config, name: str) -> str:
+    device = config.devices[name]
+    caps = crypto_profile(config, name)
+    engine = getattr(device, "inline_crypto", None)
+    if engine is not None:
+        slots = f"{engine.keyslots} keyslots" if engine.keyslots else "no keyslots (raw keys)"
+        return f"    inline crypto: {caps.describe()}; {slots}"
+    if isinstance(device, TableDeviceConfig):
+        return f"    inline crypto (passthrough): {caps.describe()}"
+    return ""
+
+
+def _key_line(config: Config, device: str, key_name: str) -> str:
+    key = config.keys[key_name]
+    caps = crypto_profile(config, device)
+    supported = (key.mode, key.data_unit_size) in caps.modes and key.dun_bytes <= caps.max_dun_bytes
+    path = "inline" if supported else "blk-crypto fallback (software, at the export)"
+    return f"    key: {key_name} ({key.mode.value}, {key.data_unit_size}-byte data units): {path}"
+
+
 def describe(config: Config) -> str:
     """What `check` prints: listeners, devices (tables with their lines) and exports, resolved."""
     lines = [f"config: {config.source}", "listen:"]
@@ -194,6 +230,16 @@ def describe(config: Config) -> str:
             lines.append(f"  {name}: memory, {_human(dev.size)}")
         else:
             lines += _describe_table(name, dev, config)
+        if profile := _profile_line(config, name):
+            lines.append(profile)
+    if config.keys:
+        lines.append("keys:")
+        for name, key in config.keys.items():
+            note = "  (created on first start)" if key.create and not key.file.exists() else ""
+            lines.append(
+                f"  {name}: {key.mode.value}, {key.data_unit_size}-byte data units, "
+                f"{key.dun_bytes}-byte DUNs, file {key.file}{note}"
+            )
     lines.append("exports:")
     for name, exp in config.exports.items():
         size = config.devices[exp.device].size
@@ -205,6 +251,8 @@ def describe(config: Config) -> str:
         lines.append(f"  {name!r}: device {exp.device}, {_human(size)}, {', '.join(traits)}")
         if isinstance(config.devices[exp.device], TableDeviceConfig):
             lines.append(f"    stack: {stack(config, exp.device)}")
+        if exp.key is not None:
+            lines.append(_key_line(config, exp.device, exp.key))
         if exp.description:
             lines.append(f"    description: {exp.description}")
     return "\n".join(lines)

@@ -51,10 +51,12 @@ class Request:
     """One I/O: `op` on [offset, offset + length), with `data` for writes.
 
     `crypt` is the crypt context (key and data unit number) when the request is to be
-    encrypted inline; remapping keeps it, taking a piece advances its DUN.
+    encrypted inline; remapping keeps it, taking a piece advances its DUN. `encrypted` marks
+    data the blk-crypto fallback above already en/decrypts with a tenant's key (the kernel's
+    skip-default-key mark): layers that add a default key leave such requests alone.
     """
 
-    __slots__ = ("crypt", "data", "flags", "length", "offset", "op")
+    __slots__ = ("crypt", "data", "encrypted", "flags", "length", "offset", "op")
 
     def __init__(
         self,
@@ -65,6 +67,7 @@ class Request:
         data: bytes | bytearray | memoryview | None = None,
         *,
         crypt: CryptContext | None = None,
+        encrypted: bool = False,
     ) -> None:
         self.op = op
         self.offset = offset
@@ -72,14 +75,27 @@ class Request:
         self.flags = flags
         self.data = data
         self.crypt = crypt
+        self.encrypted = encrypted
 
     def remapped(self, offset: int) -> Request:
         """The same I/O addressed at `offset` of the device below (the DUN does not change)."""
-        return Request(self.op, offset, self.length, self.flags, self.data, crypt=self.crypt)
+        return Request(
+            self.op,
+            offset,
+            self.length,
+            self.flags,
+            self.data,
+            crypt=self.crypt,
+            encrypted=self.encrypted,
+        )
 
     def with_crypt(self, crypt: CryptContext) -> Request:
         """The same I/O carrying crypt context `crypt`."""
         return Request(self.op, self.offset, self.length, self.flags, self.data, crypt=crypt)
+
+    def fallback_encrypted(self, data: bytes | bytearray | memoryview | None) -> Request:
+        """The same I/O with `data` already en/decrypted above: marked `encrypted`."""
+        return Request(self.op, self.offset, self.length, self.flags, data, encrypted=True)
 
     def piece(self, at: int, length: int, offset: int) -> Request:
         """The `length` bytes from `at` of this request, addressed at `offset` below."""
@@ -89,7 +105,9 @@ class Request:
         crypt = self.crypt
         if crypt is not None and at:
             crypt = crypt.advanced(at)
-        return Request(self.op, offset, length, self.flags, data, crypt=crypt)
+        return Request(
+            self.op, offset, length, self.flags, data, crypt=crypt, encrypted=self.encrypted
+        )
 
     def split(self, head: int) -> tuple[Request, Request]:
         """Cut into the first `head` bytes and the rest (0 < head < length)."""

@@ -215,6 +215,8 @@ def test_ls_status_table_info(ctl: Ctl) -> None:
         "Size:             32768 sectors (16777216 bytes)\n"
         "Devices below:    a\n"
         "Used by:          none\n"
+        "Inline crypto:    none (passthrough)\n"
+        "Fallback bytes:   0\n"
     )
     assert ctl.ok("info", "a") == (
         "Name:             a\n"
@@ -225,6 +227,8 @@ def test_ls_status_table_info(ctl: Ctl) -> None:
         "Size:             32768 sectors (16777216 bytes)\n"
         "Devices below:    none\n"
         "Used by:          pool\n"
+        "Inline crypto:    none (engine)\n"
+        "Fallback bytes:   0\n"
     )
     everything = ctl.ok("info")
     assert everything.split("\n\n")[0].startswith("Name:             a\n")

@@ -264,12 +264,6 @@ async def test_tenant_write_zeroes_and_dun_with_a_line_not_at_table_start() -> N
     assert await rd(conn, MiB, 8192) == bytes(8192)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the fallback above default-key drops the context and nothing marks the request as "
-    "already encrypted (the kernel keeps bi_skip_dm_default_key): default-key encrypts again. "
-    "See docs/DEFAULT-KEY.md, 'Known gap'.",
-)
 async def test_tenant_key_the_stack_cannot_do_inline_is_encrypted_once() -> None:
     raw = MemoryDevice("lower", LOWER_SIZE)
     engine = InlineCryptoDevice(raw, CryptoCaps.of({XTS: (4096,)}, 8), 2)

@@ -58,7 +58,7 @@ class CryptSubmitter(Device):
         ctx = self._context(req.offset)
         if self._inline():
             return await self.device.read(req.with_crypt(ctx))
-        data = await self.device.read(req)
+        data = await self.device.read(req.fallback_encrypted(None))
         self.device.fallback_bytes += req.length
         return self._cipher().decrypt(ctx.dun, data)
 
@@ -70,7 +70,7 @@ class CryptSubmitter(Device):
         assert req.data is not None
         data = self._cipher().encrypt(ctx.dun, req.data)
         self.device.fallback_bytes += req.length
-        await self.device.write(Request(Op.WRITE, req.offset, req.length, req.flags, data))
+        await self.device.write(req.fallback_encrypted(data))
 
     async def write_zeroes(self, req: Request) -> None:
         ctx = self._context(req.offset)
@@ -84,7 +84,8 @@ class CryptSubmitter(Device):
             n = min(step, req.length - at)
             data = self._cipher().encrypt(ctx.dun + at // self.unit, bytes(n))
             self.device.fallback_bytes += n
-            await self.device.write(Request(Op.WRITE, req.offset + at, n, req.flags, data))
+            piece = Request(Op.WRITE, req.offset + at, n, req.flags, data, encrypted=True)
+            await self.device.write(piece)
 
     async def trim(self, req: Request) -> None:
         await self.device.trim(req)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from nbdcrypt.backends.file import FileDevice
 from nbdcrypt.backends.memory import MemoryDevice
+from nbdcrypt.blkcrypto.engine import InlineCryptoDevice
 from nbdcrypt.control.protocol import ControlRequest
 from nbdcrypt.device import Device
 from nbdcrypt.dm.device import MappedDevice
@@ -38,6 +39,8 @@ class ControlError(Exception):
 
 
 def device_kind(device: Device) -> str:
+    if isinstance(device, InlineCryptoDevice):
+        return device_kind(device.inner) + " with inline crypto"
     if isinstance(device, MappedDevice):
         return "table"
     if isinstance(device, FileDevice):
@@ -45,6 +48,26 @@ def device_kind(device: Device) -> str:
     if isinstance(device, MemoryDevice):
         return "memory"
     return type(device).__name__
+
+
+def _crypto_rows(dev: Device) -> list[tuple[str, str]]:
+    """Inline-crypto profile, keyslot counters and fallback bytes of a device."""
+    kind = "passthrough" if isinstance(dev, MappedDevice) else "engine"
+    rows = [("Inline crypto", f"{dev.crypto_caps.describe()} ({kind})")]
+    if isinstance(dev, InlineCryptoDevice):
+        if dev.keyslots is None:
+            rows.append(("Keyslots", f"none (raw keys), {dev.requests} requests"))
+        else:
+            s = dev.keyslots.stats
+            rows.append(
+                (
+                    "Keyslots",
+                    f"{dev.keyslots.num_slots}: {s.hits} hits, {s.programs} programs, "
+                    f"{s.evictions} evictions, {s.waits} waits ({s.wait_seconds:.3f} s)",
+                )
+            )
+    rows.append(("Fallback bytes", str(dev.fallback_bytes)))
+    return rows
 
 
 def _sectors(size: int) -> str:
@@ -108,6 +131,7 @@ class Controller:
             ("Size", _sectors(dev.size)),
             ("Devices below", below),
             ("Used by", above),
+            *_crypto_rows(dev),
         ]
         return "\n".join(f"{key + ':':<18}{value}" for key, value in rows)
 

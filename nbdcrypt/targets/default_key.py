@@ -278,19 +278,19 @@ class DefaultKeyTarget(Target):
         return req.remapped(self.base + req.offset)
 
     async def read(self, req: Request) -> bytes | bytearray | memoryview:
-        if req.crypt is not None:
+        if req.crypt is not None or req.encrypted:  # a tenant's key covers it
             return await self.device.read(self._below(req))
         return await self._own.read(self._iv(req))
 
     async def write(self, req: Request) -> None:
-        if req.crypt is not None:
+        if req.crypt is not None or req.encrypted:  # a tenant's key covers it
             await self.device.write(self._below(req))
         else:
             await self._own.write(self._iv(req))
 
     async def write_zeroes(self, req: Request) -> None:
         """Encrypted zeroes with whichever key applies: a hole below reads as garbage."""
-        if req.crypt is not None:
+        if req.crypt is not None or req.encrypted:  # a tenant's key covers it
             await self.device.write_zeroes(self._below(req))
         else:
             await self._own.write_zeroes(self._iv(req))
