@@ -3,12 +3,18 @@
 
 One backing file of non-zero data is created in a private temporary directory. For each
 repeat round, each server in turn is started on a unix socket (or 127.0.0.1 TCP with --tcp),
-the same clients (nbdcopy, fio's nbd engine) run every workload against it once, and the server
-is stopped (SIGTERM, then SIGKILL). Medians over the rounds are written as Markdown to
-docs/BENCHMARKS.md (or --output PATH, `-` for stdout).
+the same clients (nbdcopy, fio's nbd engine) run its suite's workloads against it once, and the
+server is stopped (SIGTERM, then SIGKILL). Medians over the rounds are written as Markdown to
+docs/BENCHMARKS.md (or --output PATH, `-` for stdout), with a PASS/FAIL verdict per target.
 
-Servers and workloads are data (SERVERS, WORKLOADS, TARGETS below): a new server definition or
-workload is one more entry, not more code paths.
+Two suites (--suite plain|encrypted|all, default all), each with its servers, workloads and
+targets: `plain` serves the backing file as-is (nbdcrypt, nbdkit's file plugin, qemu-nbd);
+`encrypted` serves it through AES-256-XTS: nbdcrypt's dm-crypt style and blk-crypto (inline)
+style exports with 512- and 4096-byte data units, against qemu-nbd and nbdkit's luks filter
+serving a LUKS1 image of the same data (qemu-img; LUKS1 has 512-byte sectors only).
+
+Servers, workloads, targets and suites are data (SERVERS, WORKLOADS, SUITES below): a new
+server definition, workload or target is one more entry, not more code paths.
 
 Quick development run (small, short, does not touch docs/):
     python benchmarks/run.py --size 64M --runtime 3 --repeats 1 --output -
@@ -51,6 +57,8 @@ GB = 1e9  # throughput is reported in decimal GB/s
 READY_TIMEOUT = 30.0  # seconds for a server to answer a handshake
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
 UNIX_PATH_MAX = 107
+FULL_SIZE, FULL_RUNTIME, FULL_REPEATS = 1 << 30, 20, 3  # the defaults, the targets' setting
+DATA_UNITS = (512, 4096)  # nbdcrypt's encrypted exports are measured with each
 
 # --------------------------------------------------------------------------------------------
 # Where a server listens
@@ -86,11 +94,16 @@ def free_tcp_port(host: str) -> int:
 class ServerContext:
     """What a server definition needs to build its command line."""
 
-    workdir: Path  # private to this server: socket, config, log
+    workdir: Path  # private to this server: socket, config, key, log
     backing: Path  # the shared plain backing file
     endpoint: Endpoint
     export: str
     python: str  # the interpreter that runs nbdcrypt
+
+    @property
+    def shared(self) -> Path:
+        """The run's directory: data files several servers use (the LUKS image, its secret)."""
+        return self.backing.parent
 
 
 def _no_prepare(ctx: ServerContext) -> None:
@@ -102,50 +115,190 @@ class ServerDef:
     """How to start one NBD server serving ctx.backing (or an image prepared from it)."""
 
     name: str
+    suite: str  # a key of SUITES: the report section and targets it belongs to
     description: str
     tools: tuple[str, ...]  # executables that must be on PATH
     command: Callable[[ServerContext], list[str]]
     version: Callable[[ServerContext], str]
     prepare: Callable[[ServerContext], None] = _no_prepare  # once, before the first round
     env: Mapping[str, str] = field(default_factory=dict)
-    # False for exports smaller than their image (e.g. LUKS: the header is not exported)
+    # False for an export whose size may differ from the backing file's (checked otherwise)
     same_size_as_backing: bool = True
+    est_gbps: float = 0.3  # a slow sequential speed, only for the time estimate
 
 
 def nbdkit_command(ctx: ServerContext) -> list[str]:
-    ep = ctx.endpoint
-    listen = ["-U", str(ep.socket)] if ep.socket else ["-i", ep.host, "-p", str(ep.port)]
     # nbdkit serves every export name; -e only affects --run, so it is not passed.
-    return ["nbdkit", "-f", *listen, "file", str(ctx.backing)]
+    return ["nbdkit", "-f", *nbdkit_listen(ctx.endpoint), "file", str(ctx.backing)]
 
 
-def qemu_nbd_command(ctx: ServerContext) -> list[str]:
+def nbdkit_listen(ep: Endpoint) -> list[str]:
+    return ["-U", str(ep.socket)] if ep.socket else ["-i", ep.host, "-p", str(ep.port)]
+
+
+def qemu_nbd_common(ctx: ServerContext) -> list[str]:
     ep = ctx.endpoint
     listen = ["-k", str(ep.socket)] if ep.socket else ["-b", ep.host, "-p", str(ep.port)]
     return [
-        "qemu-nbd",
-        "-f",
-        "raw",
         "-x",
         ctx.export,
         "--shared=8",  # more than one client, and advertise multi-conn
         "--persistent",
         "--cache=writeback",
         *listen,
-        str(ctx.backing),
     ]
+
+
+def qemu_nbd_command(ctx: ServerContext) -> list[str]:
+    return ["qemu-nbd", "-f", "raw", *qemu_nbd_common(ctx), str(ctx.backing)]
+
+
+# LUKS1 peers: qemu-img's `luks` format (aes-xts-plain64, sha256, 512-byte sectors; LUKS1 has
+# no other sector size, and qemu 7.2 and nbdkit 1.32 read only LUKS1). One image, made from
+# the backing file so its payload is the same data, fully allocated, serves both peers.
+
+
+def luks_paths(shared: Path) -> tuple[Path, Path]:
+    """(image, passphrase file) in the run's directory, shared by the LUKS peers."""
+    return shared / "luks1.img", shared / "luks1.passphrase"
+
+
+def qemu_opt(value: str) -> str:
+    """A value inside a qemu -object / --image-opts list: commas are doubled."""
+    return value.replace(",", ",,")
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """A new file only its owner can read (keys, passphrases)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def luks_convert_argv(backing: Path) -> list[str]:
+    """qemu-img: the LUKS1 image of the backing file's data, every byte allocated."""
+    image, passphrase = luks_paths(backing.parent)
+    return [
+        "qemu-img",
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "luks",
+        "-S",
+        "0",  # allocate everything: no holes for nbdcopy to skip
+        "--object",
+        f"secret,id=sec0,file={qemu_opt(str(passphrase))}",
+        "-o",
+        "key-secret=sec0,iter-time=10",  # a fast PBKDF: startup is not what is measured
+        str(backing),
+        str(image),
+    ]
+
+
+def luks_prepare(ctx: ServerContext) -> None:
+    image, passphrase = luks_paths(ctx.shared)
+    if image.exists():
+        return  # the other LUKS peer made it
+    write_private(passphrase, os.urandom(16).hex().encode())  # no newline: both peers agree
+    log(f"  making the LUKS1 image ({ctx.backing.stat().st_size // MIB} MiB payload)")
+    argv = luks_convert_argv(ctx.backing)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    if out.returncode != 0:
+        image.unlink(missing_ok=True)
+        raise SystemExit(f"qemu-img convert failed ({out.returncode}): {out.stderr.strip()}")
+    with image.open("rb+") as f:
+        os.fsync(f.fileno())
+
+
+def qemu_nbd_luks_command(ctx: ServerContext) -> list[str]:
+    image, passphrase = luks_paths(ctx.shared)
+    return [
+        "qemu-nbd",
+        "--object",
+        f"secret,id=sec0,file={qemu_opt(str(passphrase))}",
+        "--image-opts",
+        f"driver=luks,key-secret=sec0,file.filename={qemu_opt(str(image))}",
+        *qemu_nbd_common(ctx),
+    ]
+
+
+def nbdkit_luks_command(ctx: ServerContext) -> list[str]:
+    image, passphrase = luks_paths(ctx.shared)
+    listen = nbdkit_listen(ctx.endpoint)
+    return [
+        "nbdkit",
+        "-f",
+        *listen,
+        "--filter=luks",
+        "file",
+        str(image),
+        f"passphrase=+{passphrase}",
+    ]
+
+
+# nbdcrypt: each definition writes its own config (device `f` is the shared backing file).
 
 
 def nbdcrypt_config_path(ctx: ServerContext) -> Path:
     return ctx.workdir / "nbdcrypt.yaml"
 
 
-def nbdcrypt_prepare(ctx: ServerContext) -> None:
+def yaml_str(text: str) -> str:
     # JSON strings are valid YAML scalars: safe quoting for any path.
-    path = json.dumps(str(ctx.backing.resolve()))
-    name = json.dumps(ctx.export)
-    text = f"devices:\n  {name}:\n    file: {path}\nexports:\n  {name}:\n    device: {name}\n"
-    nbdcrypt_config_path(ctx).write_text(text)
+    return json.dumps(text)
+
+
+def plain_config(ctx: ServerContext) -> str:
+    path, name = yaml_str(str(ctx.backing.resolve())), yaml_str(ctx.export)
+    return f"devices:\n  {name}:\n    file: {path}\nexports:\n  {name}:\n    device: {name}\n"
+
+
+def crypt_config(unit: int) -> Callable[[ServerContext], str]:
+    """dm-crypt style: a crypt table line over the file, AES-256-XTS, `unit`-byte sectors."""
+
+    def config(ctx: ServerContext) -> str:
+        sectors = ctx.backing.stat().st_size // 512
+        key = os.urandom(64).hex()  # AES-256-XTS: two 256-bit keys, new each run
+        opts = "" if unit == 512 else f" 1 sector_size:{unit}"
+        line = f"0 {sectors} crypt aes-xts-plain64 {key} 0 f 0{opts}"
+        return (
+            "devices:\n"
+            f"  f: {{file: {yaml_str(str(ctx.backing.resolve()))}}}\n"
+            f"  c: {{table: [{yaml_str(line)}]}}\n"
+            "exports:\n"
+            f"  {yaml_str(ctx.export)}: {{device: c}}\n"
+        )
+
+    return config
+
+
+def inline_config(unit: int) -> Callable[[ServerContext], str]:
+    """blk-crypto style: an export key, the file device's inline engine does the crypto."""
+
+    def config(ctx: ServerContext) -> str:
+        keyfile = ctx.workdir / "export.key"
+        if not keyfile.exists():
+            write_private(keyfile, os.urandom(64))  # AES-256-XTS, raw bytes
+        engine = "{keyslots: 4, modes: {aes-256-xts: [512, 4096]}, max_dun_bytes: 8}"
+        return (
+            "keys:\n"
+            f"  k: {{mode: aes-256-xts, data_unit_size: {unit}, "
+            f"source: {{file: {yaml_str(str(keyfile.resolve()))}}}}}\n"
+            "devices:\n"
+            f"  f: {{file: {yaml_str(str(ctx.backing.resolve()))}, inline_crypto: {engine}}}\n"
+            "exports:\n"
+            f"  {yaml_str(ctx.export)}: {{device: f, key: k}}\n"
+        )
+
+    return config
+
+
+def nbdcrypt_prepare(config: Callable[[ServerContext], str]) -> Callable[[ServerContext], None]:
+    def prepare(ctx: ServerContext) -> None:
+        write_private(nbdcrypt_config_path(ctx), config(ctx).encode())  # it may hold a key
+
+    return prepare
 
 
 def nbdcrypt_command(ctx: ServerContext) -> list[str]:
@@ -173,32 +326,95 @@ def nbdcrypt_version(ctx: ServerContext) -> str:
     return f"nbdcrypt {git_revision()} ({deps})"
 
 
+def nbdcrypt_server(
+    name: str, suite: str, description: str, config: Callable[[ServerContext], str]
+) -> ServerDef:
+    return ServerDef(
+        name=name,
+        suite=suite,
+        description=description,
+        tools=(),
+        command=nbdcrypt_command,
+        version=nbdcrypt_version,
+        prepare=nbdcrypt_prepare(config),
+        env={"PYTHONPATH": str(REPO)},
+        est_gbps=0.3 if suite == "plain" else 0.1,
+    )
+
+
+def nbdcrypt_encrypted(unit: int) -> tuple[ServerDef, ServerDef]:
+    """The dm-crypt style and the blk-crypto style export, with `unit`-byte data units."""
+    crypt = nbdcrypt_server(
+        f"nbdcrypt-crypt-{unit}",
+        "encrypted",
+        f"dm-crypt style: a crypt table line (aes-xts-plain64, {unit}-byte sectors) over the"
+        " file device",
+        crypt_config(unit),
+    )
+    inline = nbdcrypt_server(
+        f"nbdcrypt-inline-{unit}",
+        "encrypted",
+        f"blk-crypto style: export key aes-256-xts with {unit}-byte data units, encrypted by"
+        " the file device's inline engine",
+        inline_config(unit),
+    )
+    return crypt, inline
+
+
+def qemu_nbd_version(ctx: ServerContext) -> str:
+    del ctx
+    return first_line(["qemu-nbd", "--version"])
+
+
+def nbdkit_version(ctx: ServerContext) -> str:
+    del ctx
+    return first_line(["nbdkit", "--version"])
+
+
 SERVERS: dict[str, ServerDef] = {
     s.name: s
     for s in (
         ServerDef(
             name="nbdkit",
+            suite="plain",
             description="file plugin with its defaults: page cache, 16 worker threads",
             tools=("nbdkit",),
             command=nbdkit_command,
-            version=lambda ctx: first_line(["nbdkit", "--version"]),
+            version=nbdkit_version,
         ),
         ServerDef(
             name="qemu-nbd",
+            suite="plain",
             description="raw, writeback (page) cache, up to 8 clients, so multi-conn",
             tools=("qemu-nbd",),
             command=qemu_nbd_command,
-            version=lambda ctx: first_line(["qemu-nbd", "--version"]),
+            version=qemu_nbd_version,
+        ),
+        nbdcrypt_server(
+            "nbdcrypt", "plain", "one file device exported as-is, no encryption", plain_config
         ),
         ServerDef(
-            name="nbdcrypt",
-            description="one file device exported as-is, no encryption",
-            tools=(),
-            command=nbdcrypt_command,
-            version=nbdcrypt_version,
-            prepare=nbdcrypt_prepare,
-            env={"PYTHONPATH": str(REPO)},
+            name="qemu-nbd-luks",
+            suite="encrypted",
+            description="LUKS1 image (qemu-img, aes-xts-plain64, 512-byte sectors), luks driver"
+            " over the file, writeback cache, up to 8 clients, so multi-conn",
+            tools=("qemu-nbd", "qemu-img"),
+            command=qemu_nbd_luks_command,
+            version=qemu_nbd_version,
+            prepare=luks_prepare,
+            est_gbps=0.1,
         ),
+        ServerDef(
+            name="nbdkit-luks",
+            suite="encrypted",
+            description="the same LUKS1 image: file plugin under the luks filter",
+            tools=("nbdkit", "qemu-img"),
+            command=nbdkit_luks_command,
+            version=nbdkit_version,
+            prepare=luks_prepare,
+            est_gbps=0.1,
+        ),
+        *(server for unit in DATA_UNITS for server in nbdcrypt_encrypted(unit)),
     )
 }
 
@@ -252,16 +468,17 @@ class Workload:
     # (context, wall-clock seconds) -> metric values
     parse: Callable[[RunContext, float], dict[str, float]]
     timeout: Callable[[RunContext], float]
-    estimate: Callable[[int, int], float]  # (size, runtime) -> rough seconds, for the ETA
+    # (size, runtime, a slow GB/s for the server) -> rough seconds, for the time estimate
+    estimate: Callable[[int, int, float], float]
 
 
 def nbdcopy_timeout(ctx: RunContext) -> float:
     return 120.0 + ctx.size / 20e6  # far beyond any plausible run; only to avoid hanging
 
 
-def nbdcopy_estimate(size: int, runtime: int) -> float:
+def nbdcopy_estimate(size: int, runtime: int, gbps: float) -> float:
     del runtime
-    return 2.0 + size / 0.3e9  # startup and sync, and a slow server
+    return 2.0 + size / (gbps * GB)  # startup and sync, and a slow server
 
 
 def throughput(ctx: RunContext, seconds: float) -> dict[str, float]:
@@ -341,7 +558,7 @@ def fio_workload(key: str, rw: str, depth: int, latency: bool) -> Workload:
         command=fio_command(rw, "4k", depth),
         parse=fio_parse(kind),
         timeout=lambda ctx: ctx.runtime + 60.0,
-        estimate=lambda size, runtime: runtime + 1.0,
+        estimate=lambda size, runtime, gbps: runtime + 1.0,
     )
 
 
@@ -368,18 +585,91 @@ class Target:
     bound: float
     subject: str = "nbdcrypt"
     baseline: str = "nbdkit"
+    note: str = ""  # shown after the target, e.g. when the peer runs another sector size
 
     def holds(self, ratio: float) -> bool:
         return ratio >= self.bound if self.op == ">=" else ratio <= self.bound
 
 
-TARGETS: tuple[Target, ...] = (
-    Target("randread-qd32", "iops", ">=", 1.0),
-    Target("randwrite-qd32", "iops", ">=", 1.0),
-    Target("seq-read", "gbps", ">=", 0.9),
-    Target("seq-write", "gbps", ">=", 0.9),
-    Target("randread-qd1", "lat_mean_us", "<=", 1.5),
+PEER_512 = "peer at 512-byte sectors"  # LUKS1 (qemu 7.2, nbdkit 1.32) has no others
+
+
+ENCRYPTED_BARS = (  # (workload, metric, nbdcrypt / peer >= bound, peer)
+    ("seq-read", "gbps", 2.0, "qemu-nbd-luks"),
+    ("seq-write", "gbps", 2.0, "qemu-nbd-luks"),
+    ("seq-read", "gbps", 1.0, "nbdkit-luks"),
+    ("seq-write", "gbps", 3.0, "nbdkit-luks"),
+    ("randread-qd32", "iops", 1.0, "qemu-nbd-luks"),
 )
+
+
+def encrypted_targets(unit: int) -> tuple[Target, ...]:
+    """The bars for nbdcrypt's encrypted exports with `unit`-byte data units."""
+    note = "" if unit == 512 else PEER_512
+    return tuple(
+        Target(workload, metric, ">=", bound, f"nbdcrypt-{style}-{unit}", peer, note)
+        for style in ("crypt", "inline")
+        for workload, metric, bound, peer in ENCRYPTED_BARS
+    )
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A group of servers measured alike, with its own section and targets in the report."""
+
+    key: str
+    title: str
+    about: tuple[str, ...]  # paragraph lines before the results
+    workloads: tuple[str, ...]  # the default workloads of its servers
+    baselines: tuple[str, ...]  # the ratio columns of its tables
+    targets: tuple[Target, ...]
+
+    @property
+    def servers(self) -> tuple[str, ...]:
+        return tuple(name for name, s in SERVERS.items() if s.suite == self.key)
+
+
+SUITES: dict[str, Suite] = {
+    s.key: s
+    for s in (
+        Suite(
+            key="plain",
+            title="Plain exports",
+            about=(
+                "The same plain file served as-is by each server: nbdcrypt against nbdkit's",
+                "file plugin and qemu-nbd.",
+            ),
+            workloads=tuple(WORKLOADS),
+            baselines=("nbdkit",),
+            targets=(
+                Target("randread-qd32", "iops", ">=", 1.0),
+                Target("randwrite-qd32", "iops", ">=", 1.0),
+                Target("seq-read", "gbps", ">=", 0.9),
+                Target("seq-write", "gbps", ">=", 0.9),
+                Target("randread-qd1", "lat_mean_us", "<=", 1.5),
+            ),
+        ),
+        Suite(
+            key="encrypted",
+            title="Encrypted exports",
+            about=(
+                "AES-256-XTS everywhere, the same export size. The peers serve one LUKS1 image",
+                "made by `qemu-img convert -O luks` from the backing file (aes-xts-plain64,",
+                "sha256, PBKDF iter-time 10 ms, payload = the backing file's size). LUKS1 has",
+                "only 512-byte sectors and qemu 7.2 and nbdkit 1.32 read no LUKS2, so the",
+                "peers run at 512-byte sectors only: **nbdcrypt's 4096-byte exports are compared",
+                "with the peers' 512-byte figures** (marked in the targets). nbdcrypt serves the",
+                "backing file itself as ciphertext, two ways per data unit size: `crypt`, a",
+                "dm-crypt table line (`aes-xts-plain64`, `sector_size:4096` for 4096), and",
+                "`inline`, an export key (`aes-256-xts`, `data_unit_size`) encrypted by the file",
+                "device's inline-crypto engine (blk-crypto style). Its configs are below.",
+            ),
+            workloads=("seq-read", "seq-write", "randread-qd32"),
+            baselines=("qemu-nbd-luks", "nbdkit-luks"),
+            targets=tuple(t for unit in DATA_UNITS for t in encrypted_targets(unit)),
+        ),
+    )
+}
 
 # --------------------------------------------------------------------------------------------
 # Process handling
@@ -536,9 +826,10 @@ class Options:
     size: int
     runtime: int
     repeats: int
+    suite: tuple[str, ...]  # keys of SUITES
     servers: tuple[str, ...]
-    workloads: tuple[str, ...]
-    baseline: str
+    workloads: tuple[str, ...] | None  # None: each suite's own
+    baseline: str | None  # None: each suite's own
     tcp: bool
     workdir: Path
     keep_workdir: bool
@@ -552,13 +843,26 @@ class Bench:
     args: Options
     workdir: Path
     backing: Path
+    suites: list[Suite]
     servers: list[ServerDef]
-    workloads: list[Workload]
+    workloads: dict[str, list[Workload]]  # server -> what it runs, in order
     samples: Samples = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     server_commands: dict[str, list[str]] = field(default_factory=dict)
     client_commands: dict[str, list[str]] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    export_info: dict[str, str] = field(default_factory=dict)  # server -> what nbdinfo saw
+
+    def suite_servers(self, suite: Suite) -> list[ServerDef]:
+        return [s for s in self.servers if s.suite == suite.key]
+
+    def suite_workloads(self, suite: Suite) -> list[Workload]:
+        keys = {w.key for s in self.suite_servers(suite) for w in self.workloads[s.name]}
+        return [w for k, w in WORKLOADS.items() if k in keys]
+
+    def baselines(self, suite: Suite) -> list[str]:
+        names = (self.args.baseline,) if self.args.baseline else suite.baselines
+        return [n for n in names if any(s.name == n for s in self.servers)]
 
 
 def server_context(bench: Bench, sdef: ServerDef) -> ServerContext:
@@ -631,9 +935,25 @@ def brief(msg: str) -> str:
     return f"{lines[0]} ... {lines[-1]}".replace("|", "/")
 
 
+def describe_export(uri: str) -> str:
+    """What the clients are offered: multi-conn decides how many connections nbdcopy opens."""
+    try:
+        out = subprocess.run(
+            ["nbdinfo", "--json", uri], capture_output=True, text=True, timeout=10, check=False
+        )
+        info = json.loads(out.stdout)["exports"][0]
+    except (subprocess.TimeoutExpired, ValueError, KeyError, IndexError) as exc:
+        return f"nbdinfo failed: {exc}"
+    multi = "multi-conn" if info.get("can_multi_conn") else "**no multi-conn** (1 connection)"
+    sizes = [info.get(f"block_size_{k}") for k in ("minimum", "preferred")]
+    return f"{multi}, block size min / preferred {sizes[0]} / {sizes[1]}"
+
+
 def run_round(bench: Bench, sdef: ServerDef, ctx: ServerContext) -> None:
     with serving(sdef, ctx) as server:
-        for wl in bench.workloads:
+        if sdef.name not in bench.export_info:
+            bench.export_info[sdef.name] = describe_export(ctx.endpoint.uri(ctx.export))
+        for wl in bench.workloads[sdef.name]:
             try:
                 run_workload(bench, sdef, wl, server)
             except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as exc:
@@ -698,12 +1018,15 @@ def machine_lines(bench: Bench, load_before: str) -> list[str]:
         "nbdcopy": first_line(["nbdcopy", "--version"]),
         "fio": first_line(["fio", "--version"]),
     }
+    by_version: dict[str, list[str]] = {}  # one row per program, not per server definition
+    for name, version in bench.versions.items():
+        by_version.setdefault(version, []).append(name)
     rows = [
         ("CPUs (nproc)", str(len(os.sched_getaffinity(0)))),
         ("CPU model", cpu_model()),
         ("Kernel", f"{platform.system()} {platform.release()}"),
         ("Load average before / after", f"{load_before} / {loadavg()}"),
-        *((f"Server {k}", v) for k, v in bench.versions.items()),
+        *((f"Server {', '.join(names)}", v) for v, names in by_version.items()),
         *((f"Client {k}", v) for k, v in client_versions.items()),
         ("Benchmark script Python", platform.python_version()),
     ]
@@ -734,20 +1057,20 @@ def median_of(bench: Bench, server: str, workload: str, metric: str) -> float | 
     return statistics.median(values) if values else None
 
 
-def workload_table(bench: Bench, wl: Workload) -> list[str]:
-    base = bench.args.baseline
-    has_base = any(s.name == base for s in bench.servers)
+def workload_table(bench: Bench, suite: Suite, wl: Workload) -> list[str]:
+    bases = bench.baselines(suite)
     head = ["Server"]
     for m in wl.metrics:
-        head += [f"{m.label} median", "min - max", *([f"/ {base}"] if has_base else [])]
+        head += [f"{m.label} median", "min - max", *(f"/ {b}" for b in bases)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for sdef in bench.servers:
+    for sdef in bench.suite_servers(suite):
+        if wl not in bench.workloads[sdef.name]:
+            continue
         cells = [sdef.name]
         for m in wl.metrics:
             values = bench.samples.get(sdef.name, {}).get(wl.key, {}).get(m.key, [])
             cells += list(summary(values, m.fmt, bench.args.repeats))
-            if has_base:
-                cells.append(ratio_text(bench, sdef.name, base, wl.key, m.key))
+            cells += [ratio_text(bench, sdef.name, b, wl.key, m.key) for b in bases]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -763,27 +1086,73 @@ def ratio_text(bench: Bench, subject: str, baseline: str, workload: str, metric:
     return "n/a" if r is None else f"{r:.2f}x"
 
 
-def target_lines(bench: Bench) -> tuple[list[str], list[str]]:
+@dataclass(frozen=True)
+class Verdict:
+    suite: str
+    target: Target
+    text: str  # the target as the report words it
+    subject: float | None
+    baseline: float | None
+    ratio: float | None
+    verdict: str  # PASS, FAIL or "not measured"
+
+
+def verdicts(bench: Bench, suite: Suite) -> list[Verdict]:
+    out = []
+    for t in suite.targets:
+        metric = next(m for m in WORKLOADS[t.workload].metrics if m.key == t.metric)
+        r = ratio(bench, t.subject, t.baseline, t.workload, t.metric)
+        note = f" ({t.note})" if t.note else ""
+        out.append(
+            Verdict(
+                suite=suite.key,
+                target=t,
+                text=f"{t.workload} {metric.label}: {t.subject} {t.op} {t.bound:g}x "
+                f"{t.baseline}{note}",
+                subject=median_of(bench, t.subject, t.workload, t.metric),
+                baseline=median_of(bench, t.baseline, t.workload, t.metric),
+                ratio=r,
+                verdict="not measured" if r is None else ("PASS" if t.holds(r) else "FAIL"),
+            )
+        )
+    return out
+
+
+def overall(results: Sequence[Verdict]) -> str:
+    seen = {v.verdict for v in results}
+    if "FAIL" in seen:
+        return "FAIL"
+    if "not measured" in seen or not results:
+        return "INCOMPLETE (not every target was measured)"
+    return "PASS"
+
+
+def tally(results: Sequence[Verdict]) -> str:
+    counts = {k: sum(v.verdict == k for v in results) for k in ("PASS", "FAIL", "not measured")}
+    shown = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+    return f"**{overall(results)}** ({shown or 'no targets'})"
+
+
+def target_lines(suite: Suite, results: list[Verdict]) -> list[str]:
     lines = [
         "| Target | subject | baseline | ratio | verdict |",
         "|---|---|---|---|---|",
     ]
-    verdicts = []
-    for t in TARGETS:
-        wl = WORKLOADS[t.workload]
-        metric = next(m for m in wl.metrics if m.key == t.metric)
-        r = ratio(bench, t.subject, t.baseline, t.workload, t.metric)
-        verdict = "not measured" if r is None else ("PASS" if t.holds(r) else "FAIL")
-        verdicts.append(verdict)
-        subj = median_of(bench, t.subject, t.workload, t.metric)
-        base = median_of(bench, t.baseline, t.workload, t.metric)
+    for v in results:
+        wl = WORKLOADS[v.target.workload]
+        metric = next(m for m in wl.metrics if m.key == v.target.metric)
         lines.append(
-            f"| {t.workload} {metric.label}: {t.subject} {t.op} {t.bound:g}x {t.baseline} "
-            f"| {metric.fmt(subj) if subj is not None else 'n/a'} "
-            f"| {metric.fmt(base) if base is not None else 'n/a'} "
-            f"| {'n/a' if r is None else f'{r:.2f}x'} | **{verdict}** |"
+            f"| {v.text} "
+            f"| {metric.fmt(v.subject) if v.subject is not None else 'n/a'} "
+            f"| {metric.fmt(v.baseline) if v.baseline is not None else 'n/a'} "
+            f"| {'n/a' if v.ratio is None else f'{v.ratio:.2f}x'} | **{v.verdict}** |"
         )
-    return lines, verdicts
+    return [*lines, "", f"{suite.title}: {tally(results)}"]
+
+
+def default_run_minutes() -> float:
+    args = parse_args([])
+    return estimate_minutes(make_bench(args, args.workdir))
 
 
 def how_to_run(bench: Bench) -> list[str]:
@@ -791,17 +1160,21 @@ def how_to_run(bench: Bench) -> list[str]:
     return [
         "## How to run",
         "",
-        "On a quiet machine (nothing else running; the run takes about 15 minutes with the",
-        "defaults: 3 rounds x 3 servers x (4 x 20 s of fio + two 1 GiB copies)):",
+        f"On a quiet machine (nothing else running; the run takes about "
+        f"{default_run_minutes():.0f} minutes with",
+        f"the defaults: {FULL_REPEATS} rounds x {len(SERVERS)} servers, {FULL_RUNTIME} s per fio"
+        f" run, {FULL_SIZE >> 30} GiB copies):",
         "",
         "```sh",
         "cd /path/to/nbdcrypt && . .venv/bin/activate",
-        "python benchmarks/run.py                  # writes docs/BENCHMARKS.md",
+        "python benchmarks/run.py                  # both suites; writes docs/BENCHMARKS.md",
+        "python benchmarks/run.py --suite plain    # or encrypted: one suite only",
         "python benchmarks/run.py --size 64M --runtime 3 --repeats 1 --output -   # smoke test",
         "```",
         "",
-        "Needs nbdkit, qemu-nbd (qemu-utils), nbdcopy and nbdinfo (libnbd-bin), and fio with its",
-        "nbd engine. For `--servers`, `--workloads`, `--tcp`, `--json` and more see `--help`.",
+        "Needs nbdkit (with its luks filter), qemu-nbd and qemu-img (qemu-utils), nbdcopy and",
+        "nbdinfo (libnbd-bin), and fio with its nbd engine. For `--servers`, `--workloads`,",
+        "`--tcp`, `--json` and more see `--help`.",
         "",
         f"This document was produced by: `{this_run}`",
     ]
@@ -816,9 +1189,10 @@ def method_lines(bench: Bench) -> list[str]:
         "",
         f"- One backing file of {size // MIB} MiB of non-zero, fully allocated data in a temporary",
         "  directory (`$WORK` below), written once and fsynced; it stays in the page cache, so",
-        "  this measures the servers' request paths, not the disk.",
+        "  this measures the servers' request paths, not the disk. The LUKS peers serve an image",
+        "  made from it (same payload size, fully allocated).",
         f"- {a.repeats} round(s); in each round every server in turn is started, listening on",
-        f"  {transport}, runs every workload once, and is stopped (SIGTERM). Rounds",
+        f"  {transport}, runs its suite's workloads once, and is stopped (SIGTERM). Rounds",
         "  interleave the servers so drifting background load hits them alike. Tables give the",
         "  median over the rounds and the min - max. `sync` runs between workloads, outside the",
         "  timed part.",
@@ -826,10 +1200,11 @@ def method_lines(bench: Bench) -> list[str]:
         "  total latency (submission + completion) per request.",
         "- nbdcopy throughput is the export size divided by the wall-clock time of the whole",
         "  nbdcopy process, in 10^9 bytes/s. nbdcopy's defaults are used: with multi-conn",
-        "  (all three servers advertise it) up to 4 connections but no more than --threads,",
-        f"  which defaults to the number of CPUs (so {nbdcopy_connections()} connections here);",
-        "  64 requests in flight per connection, 256 KiB requests; zero-block detection is on,",
-        "  but the data has no zero blocks, so every byte is read or written.",
+        "  (what each server advertised is listed under Command lines) up to 4 connections but",
+        "  no more than --threads, which defaults to the number of CPUs (so",
+        f"  {nbdcopy_connections()} connections here); 64 requests in flight per connection,",
+        "  256 KiB requests; zero-block detection is on, but the data has no zero blocks, so",
+        "  every byte is read or written.",
         "- Clients and servers share the machine's CPUs: on a small machine the clients' CPU",
         "  time counts against every server alike.",
         "- Sequential writes copy a second prepared file of the export's size (other data).",
@@ -838,6 +1213,19 @@ def method_lines(bench: Bench) -> list[str]:
 
 def nbdcopy_connections() -> int:
     return min(4, len(os.sched_getaffinity(0)))
+
+
+def short_run_warning(bench: Bench) -> list[str]:
+    a = bench.args
+    if a.size >= FULL_SIZE and a.repeats >= FULL_REPEATS and a.runtime >= FULL_RUNTIME:
+        return []
+    return [
+        "",
+        f"**Warning: a short run ({a.size // MIB} MiB, {a.repeats} round(s), {a.runtime} s per",
+        f"fio run). The targets are set for {FULL_SIZE >> 30} GiB exports, {FULL_REPEATS} rounds "
+        f"and {FULL_RUNTIME} s: with small",
+        "exports nbdcopy's startup dominates and throughput ratios shrink towards 1.**",
+    ]
 
 
 def busy_warning(load_before: str) -> list[str]:
@@ -851,15 +1239,35 @@ def busy_warning(load_before: str) -> list[str]:
     ]
 
 
+HEX_KEY = re.compile(r"\b[0-9a-fA-F]{32,}\b")
+
+
+def mask_keys(text: str) -> str:
+    return HEX_KEY.sub(lambda m: f"<key: {len(m.group())} hex digits, random per run>", text)
+
+
 def commands_lines(bench: Bench) -> list[str]:
     lines = ["## Command lines", "", "Servers:", ""]
     for sdef in bench.servers:
         cmd = bench.server_commands.get(sdef.name, [])
-        lines += [f"- {sdef.name}: {sdef.description}.", f"  `{display(cmd, bench.workdir)}`"]
-    if any(s.name == "nbdcrypt" for s in bench.servers):
-        cfg = bench.workdir / "nbdcrypt" / "nbdcrypt.yaml"
-        body = cfg.read_text() if cfg.exists() else ""
-        lines += ["", "nbdcrypt's config:", "", "```yaml", *display_text(body, bench), "```"]
+        info = bench.export_info.get(sdef.name, "not reached")
+        lines += [
+            f"- {sdef.name}: {sdef.description}. Export: {info}.",
+            f"  `{display(cmd, bench.workdir)}`",
+        ]
+    if any(s.prepare is luks_prepare for s in bench.servers):
+        lines += [
+            "",
+            "The LUKS1 image (`$WORK/luks1.passphrase` holds a random passphrase, mode 0600):",
+            "",
+            f"  `{display(luks_convert_argv(bench.backing), bench.workdir)}`",
+        ]
+    for sdef in bench.servers:
+        cfg = bench.workdir / sdef.name / "nbdcrypt.yaml"
+        if cfg.exists():
+            body = mask_keys(cfg.read_text())
+            lines += ["", f"{sdef.name}'s config:", "", "```yaml", *display_text(body, bench)]
+            lines.append("```")
     ep = "nbd://127.0.0.1:PORT/" if bench.args.tcp else "nbd+unix:///"
     example = f"{ep}{EXPORT}" + ("" if bench.args.tcp else "?socket=$WORK/SERVER/nbd.sock")
     lines += ["", f"Clients, the same for every server (`$URI` is `{example}`):", ""]
@@ -872,13 +1280,28 @@ def display_text(text: str, bench: Bench) -> list[str]:
     return text.replace(str(bench.workdir), "$WORK").splitlines()
 
 
+def suite_lines(bench: Bench, suite: Suite, results: list[Verdict]) -> list[str]:
+    out = [f"## {suite.title}", "", *suite.about, ""]
+    for wl in bench.suite_workloads(suite):
+        out += [f"### {wl.key}: {wl.title}", "", *workload_table(bench, suite, wl), ""]
+    out += [f"### Targets: {suite.title.lower()}", "", *target_lines(suite, results), ""]
+    return out
+
+
 def render(bench: Bench, started: datetime.datetime, load_before: str) -> str:
+    results = {s.key: verdicts(bench, s) for s in bench.suites}
     out = [
         "# Benchmarks: nbdcrypt vs nbdkit vs qemu-nbd",
         "",
         "Generated by `benchmarks/run.py`; do not edit by hand, rerun it.",
         "",
         f"Run started {started:%Y-%m-%d %H:%M} UTC.",
+        "",
+        "## Summary",
+        "",
+        *(f"- {s.title}: {tally(results[s.key])}" for s in bench.suites),
+        f"- Overall: {tally([v for r in results.values() for v in r])}",
+        *short_run_warning(bench),
         "",
         "## Machine",
         "",
@@ -887,18 +1310,9 @@ def render(bench: Bench, started: datetime.datetime, load_before: str) -> str:
         "",
         *method_lines(bench),
         "",
-        "## Results",
-        "",
     ]
-    for wl in bench.workloads:
-        out += [f"### {wl.key}: {wl.title}", "", *workload_table(bench, wl), ""]
-    tlines, verdicts = target_lines(bench)
-    overall = "PASS" if all(v == "PASS" for v in verdicts) else "FAIL"
-    if "not measured" in verdicts and "FAIL" not in verdicts:
-        overall = "INCOMPLETE (not every target was measured)"
-    out += ["## Targets", ""]
-    out += ["nbdcrypt (plain file export) against nbdkit's file plugin, same run:", ""]
-    out += [*tlines, "", f"Overall: **{overall}**", ""]
+    for suite in bench.suites:
+        out += suite_lines(bench, suite, results[suite.key])
     if bench.errors:
         out += ["## Errors", "", *(f"- {e}" for e in bench.errors), ""]
     out += [*commands_lines(bench), "", *how_to_run(bench), ""]
@@ -918,10 +1332,23 @@ def write_output(text: str, dest: str) -> None:
 def write_json(bench: Bench, dest: Path) -> None:
     data: dict[str, Any] = {
         "samples": bench.samples,
+        "targets": [
+            {
+                "suite": v.suite,
+                "target": v.text,
+                "subject": v.subject,
+                "baseline": v.baseline,
+                "ratio": v.ratio,
+                "verdict": v.verdict,
+            }
+            for s in bench.suites
+            for v in verdicts(bench, s)
+        ],
         "errors": bench.errors,
         "servers": {k: display(v, bench.workdir) for k, v in bench.server_commands.items()},
         "clients": {k: display(v, bench.workdir) for k, v in bench.client_commands.items()},
         "versions": bench.versions,
+        "exports": bench.export_info,
     }
     dest.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -944,21 +1371,36 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         epilog="Quick check: --size 64M --runtime 3 --repeats 1 --output -",
     )
     p.add_argument(
-        "--size", type=parse_size, default=parse_size("1G"), help="backing file size (default 1G)"
+        "--size", type=parse_size, default=FULL_SIZE, help="backing file size (default 1G)"
     )
-    p.add_argument("--runtime", type=int, default=20, help="seconds per fio run (default 20)")
-    p.add_argument("--repeats", type=int, default=3, help="rounds; medians reported (default 3)")
+    p.add_argument(
+        "--runtime", type=int, default=FULL_RUNTIME, help="seconds per fio run (default 20)"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=FULL_REPEATS, help="rounds; medians reported (default 3)"
+    )
+    p.add_argument(
+        "--suite",
+        choices=[*SUITES, "all"],
+        default="all",
+        help="plain: nbdcrypt, nbdkit and qemu-nbd serving a plain file; encrypted: nbdcrypt's"
+        " encrypted exports against qemu-nbd and nbdkit serving LUKS1 (default all)",
+    )
     p.add_argument(
         "--servers",
-        default=",".join(SERVERS),
-        help=f"comma-separated, in order (default {','.join(SERVERS)})",
+        help="comma-separated, in order, from the chosen suites (default: all of them: "
+        f"{','.join(SERVERS)})",
     )
     p.add_argument(
         "--workloads",
-        default=",".join(WORKLOADS),
-        help=f"comma-separated (default {','.join(WORKLOADS)})",
+        help=f"comma-separated, run on every server (default: each suite's own; known: "
+        f"{','.join(WORKLOADS)})",
     )
-    p.add_argument("--baseline", default="nbdkit", help="server the ratios compare to")
+    p.add_argument(
+        "--baseline",
+        help="server (of this run, any suite) the ratio columns compare to (default: nbdkit for"
+        " plain, qemu-nbd-luks and nbdkit-luks for encrypted); targets keep their own",
+    )
     p.add_argument("--tcp", action="store_true", help="listen on 127.0.0.1 TCP, not unix sockets")
     p.add_argument(
         "--workdir",
@@ -982,8 +1424,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     if ns.repeats < 1 or ns.runtime < 1:
         p.error("--repeats and --runtime must be at least 1")
     fields = {**vars(ns)}
-    fields["servers"] = choose("servers", ns.servers, SERVERS)
-    fields["workloads"] = choose("workloads", ns.workloads, WORKLOADS)
+    fields["suite"] = tuple(SUITES) if ns.suite == "all" else (ns.suite,)
+    in_suites = {n: SERVERS[n] for k in fields["suite"] for n in SUITES[k].servers}
+    fields["servers"] = choose("servers", ns.servers, in_suites) if ns.servers else (*in_suites,)
+    if ns.workloads:
+        fields["workloads"] = choose("workloads", ns.workloads, WORKLOADS)
+    if ns.baseline:
+        choose("baseline", ns.baseline, SERVERS)
     return Options(**fields)
 
 
@@ -996,11 +1443,15 @@ def check_tools(servers: list[ServerDef]) -> None:
 
 def make_bench(args: Options, workdir: Path) -> Bench:
     servers = [SERVERS[n] for n in args.servers]
-    workloads = [WORKLOADS[n] for n in args.workloads]
+    workloads = {
+        s.name: [WORKLOADS[k] for k in (args.workloads or SUITES[s.suite].workloads)]
+        for s in servers
+    }
     return Bench(
         args=args,
         workdir=workdir,
         backing=workdir / "backing.img",
+        suites=[SUITES[k] for k in args.suite if any(s.suite == k for s in servers)],
         servers=servers,
         workloads=workloads,
     )
@@ -1009,8 +1460,11 @@ def make_bench(args: Options, workdir: Path) -> Bench:
 def estimate_minutes(bench: Bench) -> float:
     """Rough wall-clock time: fio runtimes plus startup, copies and syncs."""
     a = bench.args
-    per_round = 2 + sum(w.estimate(a.size, a.runtime) for w in bench.workloads)
-    return a.repeats * len(bench.servers) * per_round / 60
+    per_round = sum(
+        2 + sum(w.estimate(a.size, a.runtime, s.est_gbps) for w in bench.workloads[s.name])
+        for s in bench.servers
+    )
+    return a.repeats * per_round / 60
 
 
 def benchmark(args: Options, workdir: Path) -> int:
@@ -1019,6 +1473,7 @@ def benchmark(args: Options, workdir: Path) -> int:
     started = datetime.datetime.now(datetime.UTC)
     load_before = loadavg()
     log(f"workdir {workdir}; writing 2 x {args.size // MIB} MiB of data")
+    log(f"servers: {', '.join(s.name for s in bench.servers)}")
     log(f"expect about {estimate_minutes(bench):.0f} min")
     write_data_file(bench.backing, args.size, seed=1)
     write_source(bench, args.size)  # the usual size, made before anything is timed

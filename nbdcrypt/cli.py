@@ -204,7 +204,7 @@ def _profile_line(config: Config, name: str) -> str:
     if engine is not None:
         slots = f"{engine.keyslots} keyslots" if engine.keyslots else "no keyslots (raw keys)"
         return f"    inline crypto: {caps.describe()}; {slots}"
-    if isinstance(device, TableDeviceConfig):
+    if isinstance(device, TableDeviceConfig) and caps:
         return f"    inline crypto (passthrough): {caps.describe()}"
     return ""
 

@@ -50,7 +50,10 @@ class Device(abc.ABC):
 
     @abc.abstractmethod
     async def write(self, req: Request) -> None:
-        """Write req.data; durable before returning when ReqFlag.FUA is set."""
+        """Write req.data; durable before returning when ReqFlag.FUA is set.
+
+        The caller reuses req.data's buffer once this returns: keep no reference to it.
+        """
 
     @abc.abstractmethod
     async def flush(self) -> None:

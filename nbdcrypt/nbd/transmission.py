@@ -48,6 +48,7 @@ _NEEDS_LENGTH = frozenset(
 )
 
 
+RECYCLE_BYTES = 8 * 1024 * 1024  # recycled payload buffers kept per connection, at most
 _make = tuple.__new__  # builds a NamedTuple without its Python-level __new__ (hot path)
 _WRITE = int(Cmd.WRITE)
 _DISC = int(Cmd.DISC)
@@ -146,6 +147,8 @@ class RequestParser:
         self._header: tuple[int, int, int, int, int] | None = None  # cmd, flags, handle, off, len
         self._drop = 0  # bytes of a refused write's payload still to skip
         self._drop_event: BadCommand | None = None
+        self._free: dict[int, list[bytearray]] = {}  # recycled payload buffers, by size
+        self._free_bytes = 0
         self.closed = False
 
     def _fast_rules(self) -> dict[int, tuple[int, int]]:
@@ -164,8 +167,43 @@ class RequestParser:
         """Bytes of a partly received write payload held by the parser."""
         return 0 if self._payload is None else len(self._payload)
 
-    def feed(self, data: bytes) -> list[Event]:
-        """Parse `data` (appended to what came before) into events, in order."""
+    def _buffer(self, length: int) -> bytearray:
+        """A buffer for a write payload: a recycled one of that size, or a new one."""
+        free = self._free.get(length)
+        if free:
+            self._free_bytes -= length
+            return free.pop()
+        return bytearray(length)
+
+    def recycle(self, payload: bytearray) -> None:
+        """Give back the buffer of a write payload the device is done with, for reuse."""
+        if self._free_bytes + len(payload) <= RECYCLE_BYTES:
+            self._free.setdefault(len(payload), []).append(payload)
+            self._free_bytes += len(payload)
+
+    def payload_buffer(self) -> memoryview | None:
+        """Where the rest of a partly received write payload goes, for callers that can read
+        from the socket straight into it (then call payload_received); None if none pends."""
+        if self._payload is None:
+            return None
+        return memoryview(self._payload)[self._filled :]
+
+    def payload_received(self, nbytes: int) -> list[Event]:
+        """`nbytes` more of the pending payload were written into payload_buffer()."""
+        assert self._payload is not None and self._header is not None
+        self._filled += nbytes
+        if self._filled < len(self._payload):
+            return []
+        cmd, flags, handle, offset, length = self._header
+        payload, self._payload, self._header = self._payload, None, None
+        return [Command(cmd, flags, handle, offset, length, payload)]
+
+    def feed(self, data: bytes | bytearray | memoryview, *, reused: bool = False) -> list[Event]:
+        """Parse `data` (appended to what came before) into events, in order.
+
+        `reused`: the caller will overwrite `data` afterwards, so payloads are copied out of it
+        (otherwise a payload that arrived whole is a zero-copy view of `data`).
+        """
         events: list[Event] = []
         if self.closed:
             return events
@@ -178,9 +216,9 @@ class RequestParser:
         if self._tail:
             need = _REQUEST_SIZE - len(self._tail)
             if len(data) - pos < need:
-                self._tail += data[pos:]
+                self._tail += bytes(view[pos:])
                 return events
-            data = self._tail + data[pos:]
+            data = self._tail + bytes(view[pos:])
             self._tail = b""
             view = memoryview(data)
             pos = 0
@@ -215,9 +253,10 @@ class RequestParser:
                     append(Command(cmd, flags, handle, offset, length, None))
                 continue
             if valid and end - pos >= length:
-                append(
-                    _make(Command, (cmd, flags, handle, offset, length, view[pos : pos + length]))
-                )
+                body = view[pos : pos + length]
+                if reused:
+                    body = body.tobytes()  # type: ignore[assignment]
+                append(_make(Command, (cmd, flags, handle, offset, length, body)))
                 pos += length
                 continue
             error = None if valid else self._check(cmd, flags, handle, offset, length)
@@ -229,7 +268,7 @@ class RequestParser:
                     return events
                 append(error)
                 continue
-            payload = bytearray(length)
+            payload = self._buffer(length)
             have = end - pos
             payload[:have] = view[pos:end]
             self._payload, self._filled = payload, have

@@ -53,8 +53,16 @@ _OP_READ = Op.READ
 _PASS_FLAGS = int(ReqFlag.FUA | ReqFlag.NO_HOLE | ReqFlag.FAST_ZERO)
 
 
-class Connection(asyncio.Protocol):
-    """The server side of one NBD session."""
+READ_BUFFER = 256 * 1024  # per connection: what one read from the socket can take
+
+
+class Connection(asyncio.BufferedProtocol):
+    """The server side of one NBD session.
+
+    A BufferedProtocol: the socket is read into a buffer this connection owns, and the rest of
+    a large write payload is read straight into the payload's own buffer, so its bytes are
+    copied once (kernel to payload) before they go to the device.
+    """
 
     _device: Device  # the export's top device, set when transmission starts
     _transport: asyncio.Transport  # set in connection_made
@@ -79,6 +87,8 @@ class Connection(asyncio.Protocol):
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._timer: asyncio.TimerHandle | None = None
         self._opened = time.monotonic()
+        self._read_view = memoryview(bytearray(READ_BUFFER))
+        self._into_payload = False
         self.requests = 0
         self.bytes_read = 0
         self.bytes_written = 0
@@ -109,7 +119,28 @@ class Connection(asyncio.Protocol):
         transport.write(self._handshake.data_to_send())
         log.debug("%s: connected", self.peer)
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        parser = self._parser
+        if parser is not None:
+            target = parser.payload_buffer()
+            if target is not None:
+                self._into_payload = True
+                return target
+        self._into_payload = False
+        return self._read_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        parser = self._parser
+        if self._into_payload:
+            assert parser is not None
+            self._on_events(parser.payload_received(nbytes))
+        elif parser is not None:
+            self._on_events(parser.feed(self._read_view[:nbytes], reused=True))
+        else:
+            self.data_received(self._read_view[:nbytes].tobytes())
+
     def data_received(self, data: bytes) -> None:
+        """Bytes that arrived outside the read buffer (the handshake's leftovers, and tests)."""
         parser = self._parser
         if parser is not None:
             self._on_events(parser.feed(data))
@@ -443,6 +474,8 @@ class Connection(asyncio.Protocol):
         except Exception as exc:
             self._fail(c, exc)
         finally:
+            if type(c.payload) is bytearray and self._parser is not None:
+                self._parser.recycle(c.payload)  # devices keep no reference after write()
             self._end(held)
 
     async def _flush(self, c: Command) -> None:
