@@ -48,7 +48,7 @@ _NEEDS_LENGTH = frozenset(
 )
 
 
-RECYCLE_BYTES = 8 * 1024 * 1024  # recycled payload buffers kept per connection, at most
+RECYCLE_BYTES = 2 * 1024 * 1024  # recycled payload buffers kept per connection, at most
 _make = tuple.__new__  # builds a NamedTuple without its Python-level __new__ (hot path)
 _WRITE = int(Cmd.WRITE)
 _DISC = int(Cmd.DISC)

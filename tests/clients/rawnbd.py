@@ -1,8 +1,9 @@
 """A tiny blocking NBD client over a raw socket, for the protocol corners no real client reaches.
 
 It knows the wire format from the spec (NetworkBlockDevice/nbd doc/proto.md) and nothing of
-nbdcrypt: its constants are written out here on purpose, so that a wrong number in the server's
-own constants cannot hide in both places. Every socket operation has a timeout.
+nbdcrypt: its constants come from tests/nbdwire.py, typed in from the spec, so that a wrong
+number in the server's own constants cannot hide in both places. Every socket operation has a
+timeout.
 """
 
 from __future__ import annotations
@@ -12,88 +13,81 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
-OPT_REPLY_MAGIC = 0x3E889045565A9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-STRUCTURED_REPLY_MAGIC = 0x668E33EF
-
-FLAG_FIXED_NEWSTYLE = 1 << 0
-FLAG_NO_ZEROES = 1 << 1
-C_FIXED_NEWSTYLE = 1 << 0
-C_NO_ZEROES = 1 << 1
-
-# transmission flags
-HAS_FLAGS = 1 << 0
-READ_ONLY = 1 << 1
-SEND_FLUSH = 1 << 2
-SEND_FUA = 1 << 3
-SEND_TRIM = 1 << 5
-SEND_WRITE_ZEROES = 1 << 6
-SEND_DF = 1 << 7
-CAN_MULTI_CONN = 1 << 8
-SEND_CACHE = 1 << 10
-SEND_FAST_ZERO = 1 << 11
-
-OPT_EXPORT_NAME = 1
-OPT_ABORT = 2
-OPT_LIST = 3
-OPT_STARTTLS = 5
-OPT_INFO = 6
-OPT_GO = 7
-OPT_STRUCTURED_REPLY = 8
-OPT_LIST_META_CONTEXT = 9
-OPT_SET_META_CONTEXT = 10
-
-REP_ACK = 1
-REP_SERVER = 2
-REP_INFO = 3
-REP_META_CONTEXT = 4
-REP_ERR = 1 << 31
-REP_ERR_UNSUP = REP_ERR + 1
-REP_ERR_POLICY = REP_ERR + 2
-REP_ERR_INVALID = REP_ERR + 3
-REP_ERR_PLATFORM = REP_ERR + 4
-REP_ERR_TLS_REQD = REP_ERR + 5
-REP_ERR_UNKNOWN = REP_ERR + 6
-REP_ERR_SHUTDOWN = REP_ERR + 7
-
-INFO_EXPORT = 0
-INFO_NAME = 1
-INFO_DESCRIPTION = 2
-INFO_BLOCK_SIZE = 3
-
-CMD_READ = 0
-CMD_WRITE = 1
-CMD_DISC = 2
-CMD_FLUSH = 3
-CMD_TRIM = 4
-CMD_CACHE = 5
-CMD_WRITE_ZEROES = 6
-CMD_BLOCK_STATUS = 7
-
-CMD_FLAG_FUA = 1 << 0
-CMD_FLAG_NO_HOLE = 1 << 1
-CMD_FLAG_DF = 1 << 2
-CMD_FLAG_REQ_ONE = 1 << 3
-CMD_FLAG_FAST_ZERO = 1 << 4
-
-REPLY_TYPE_NONE = 0
-REPLY_TYPE_OFFSET_DATA = 1
-REPLY_TYPE_OFFSET_HOLE = 2
-REPLY_TYPE_BLOCK_STATUS = 5
-REPLY_TYPE_ERROR = (1 << 15) + 1
-REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2
-REPLY_FLAG_DONE = 1
-
-EPERM = 1
-EIO = 5
-EINVAL = 22
-ENOSPC = 28
-EOVERFLOW = 75
-ENOTSUP = 95
-ESHUTDOWN = 108
+# The protocol's numbers, typed in from the spec once for all test clients (tests/nbdwire.py).
+from nbdwire import (  # noqa: F401 - re-exported for the tests that use this client
+    C_FIXED_NEWSTYLE,
+    C_NO_ZEROES,
+    CAN_MULTI_CONN,
+    CMD_BLOCK_STATUS,
+    CMD_CACHE,
+    CMD_DISC,
+    CMD_FLAG_DF,
+    CMD_FLAG_FAST_ZERO,
+    CMD_FLAG_FUA,
+    CMD_FLAG_NO_HOLE,
+    CMD_FLAG_REQ_ONE,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_TRIM,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    EINVAL,
+    EIO,
+    ENOSPC,
+    ENOTSUP,
+    EOVERFLOW,
+    EPERM,
+    ESHUTDOWN,
+    FLAG_FIXED_NEWSTYLE,
+    FLAG_NO_ZEROES,
+    HAS_FLAGS,
+    IHAVEOPT,
+    INFO_BLOCK_SIZE,
+    INFO_DESCRIPTION,
+    INFO_EXPORT,
+    INFO_NAME,
+    NBDMAGIC,
+    OPT_ABORT,
+    OPT_EXPORT_NAME,
+    OPT_GO,
+    OPT_INFO,
+    OPT_LIST,
+    OPT_LIST_META_CONTEXT,
+    OPT_REPLY_MAGIC,
+    OPT_SET_META_CONTEXT,
+    OPT_STARTTLS,
+    OPT_STRUCTURED_REPLY,
+    READ_ONLY,
+    REP_ACK,
+    REP_ERR,
+    REP_ERR_INVALID,
+    REP_ERR_PLATFORM,
+    REP_ERR_POLICY,
+    REP_ERR_SHUTDOWN,
+    REP_ERR_TLS_REQD,
+    REP_ERR_UNKNOWN,
+    REP_ERR_UNSUP,
+    REP_INFO,
+    REP_META_CONTEXT,
+    REP_SERVER,
+    REPLY_FLAG_DONE,
+    REPLY_TYPE_BLOCK_STATUS,
+    REPLY_TYPE_ERROR,
+    REPLY_TYPE_ERROR_OFFSET,
+    REPLY_TYPE_NONE,
+    REPLY_TYPE_OFFSET_DATA,
+    REPLY_TYPE_OFFSET_HOLE,
+    REQUEST_MAGIC,
+    SEND_CACHE,
+    SEND_DF,
+    SEND_FAST_ZERO,
+    SEND_FLUSH,
+    SEND_FUA,
+    SEND_TRIM,
+    SEND_WRITE_ZEROES,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+)
 
 
 class ClosedError(Exception):
