@@ -175,6 +175,11 @@ class Server:
         log.info("ready: %d export(s): %s", len(self.state.exports), ", ".join(self.state.exports))
         await self._stop.wait()
         await self.shutdown()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            # Already stopping: another signal while the process exits must not kill it and
+            # turn a clean stop into a death by signal (closing the loop would restore SIG_DFL).
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
 
     async def shutdown(self) -> None:
         log.info("shutting down: %d connection(s) open", len(self.state.connections))
