@@ -395,12 +395,6 @@ KERNEL_FLAKEY_REFUSES = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: dm-flakey.c's parse_features refuses duplicated features, error_reads with "
-    "corrupt_bio_byte ... r, intervals and Nth_byte past u32 (and an overflowing up + down) "
-    "and more than 11 feature args; nbdcrypt takes all of these",
-)
 @pytest.mark.parametrize(
     ("line", "kernel_error"), [pytest.param(*c, id=c[1]) for c in KERNEL_FLAKEY_REFUSES]
 )
@@ -409,11 +403,6 @@ def test_flakey_refuses_what_the_kernel_refuses(line: str, kernel_error: str) ->
         parse_line(line)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: dm-flakey.c compares feature names and the r/w direction with strcasecmp; "
-    "nbdcrypt refuses DROP_WRITES and 'R'",
-)
 @pytest.mark.parametrize(
     "line", ["0 8 flakey a 0 1 1 1 DROP_WRITES", "0 8 flakey a 0 1 1 5 corrupt_bio_byte 1 R 0 0"]
 )

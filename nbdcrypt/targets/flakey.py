@@ -27,6 +27,33 @@ from nbdcrypt.dm.target import (
 from nbdcrypt.request import Request
 
 _SIMPLE_FEATURES = ("drop_writes", "error_writes", "error_reads")
+_WRITE_FAULTS = {"drop_writes", "error_writes"}
+_MAX_FEATURE_ARGS = 11  # dm-flakey: drop_writes, error_writes/reads and corrupt_bio_byte + 4
+_U32_MAX = 2**32 - 1
+
+
+def _u32(text: str, what: str) -> int:
+    value = parse_uint(text, what)
+    if value > _U32_MAX:
+        raise TargetError(f"{what} {value} does not fit in 32 bits")
+    return value
+
+
+def _parse_corrupt(words: list[str]) -> Corrupt:
+    """`corrupt_bio_byte <Nth_byte> <r|w> <value> <flags>` (the words after the name)."""
+    if len(words) < 4:
+        raise TargetError("corrupt_bio_byte takes <Nth_byte> <r|w> <value> <flags>")
+    nth, direction, value, flags = (words.pop(0) for _ in range(4))
+    direction = direction.lower()
+    if direction not in ("r", "w"):
+        raise TargetError(f"corrupt_bio_byte direction must be r or w, not {direction!r}")
+    byte_value = parse_uint(value, "corrupt_bio_byte value")
+    if byte_value > 255:
+        raise TargetError(f"corrupt_bio_byte value {byte_value} is not a byte")
+    byte = _u32(nth, "corrupt_bio_byte Nth_byte")
+    if byte < 1:
+        raise TargetError("corrupt_bio_byte Nth_byte counts from 1")
+    return Corrupt(byte, direction, byte_value, _u32(flags, "corrupt_bio_byte flags"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,58 +81,45 @@ class FlakeySpec(TargetSpec):
     def parse(cls, args: Sequence[str], length: int) -> FlakeySpec:
         if len(args) < 4:
             raise TargetError(f"takes at least 4 arguments ({cls.usage}), got {len(args)}")
-        up = parse_uint(args[2], "up_interval")
-        down = parse_uint(args[3], "down_interval")
+        up = _u32(args[2], "up_interval")
+        down = _u32(args[3], "down_interval")
         if up + down == 0:
             raise TargetError("up_interval + down_interval is zero")
+        if up + down > _U32_MAX:
+            raise TargetError("up_interval + down_interval overflows 32 bits")
         features, corrupt = cls._parse_features(args[4:])
         return cls(args[0], parse_sectors(args[1], "offset"), up, down, features, corrupt)
 
     @staticmethod
     def _parse_features(rest: Sequence[str]) -> tuple[frozenset[str], Corrupt | None]:
+        """dm-flakey's parse_features: names and r/w are case-insensitive; each feature at
+        most once; at most 11 feature arguments."""
         if not rest:
             return frozenset(), None
         count = parse_uint(rest[0], "#features")
         words = list(rest[1:])
+        if count > _MAX_FEATURE_ARGS:
+            raise TargetError(f"#features is {count}; at most {_MAX_FEATURE_ARGS} are allowed")
         if len(words) != count:
             raise TargetError(f"#features is {count} but {len(words)} feature arguments follow")
         features: set[str] = set()
         corrupt = None
         while words:
-            word = words.pop(0)
+            word = words.pop(0).lower()
+            if word in features or (word == "corrupt_bio_byte" and corrupt is not None):
+                raise TargetError(f"feature {word} given twice")
             if word in _SIMPLE_FEATURES:
                 features.add(word)
             elif word == "corrupt_bio_byte":
-                if len(words) < 4:
-                    raise TargetError("corrupt_bio_byte takes <Nth_byte> <r|w> <value> <flags>")
-                nth, direction, value, flags = (words.pop(0) for _ in range(4))
-                if direction not in ("r", "w"):
-                    raise TargetError(
-                        f"corrupt_bio_byte direction must be r or w, not {direction!r}"
-                    )
-                byte_value = parse_uint(value, "corrupt_bio_byte value")
-                if byte_value > 255:
-                    raise TargetError(f"corrupt_bio_byte value {byte_value} is not a byte")
-                corrupt = Corrupt(
-                    parse_uint(nth, "corrupt_bio_byte Nth_byte", minimum=1),
-                    direction,
-                    byte_value,
-                    parse_uint(flags, "corrupt_bio_byte flags"),
-                )
+                corrupt = _parse_corrupt(words)
             else:
                 raise TargetError(f"unknown feature {word!r}")
         if {"drop_writes", "error_writes"} <= features:
             raise TargetError("drop_writes and error_writes are mutually exclusive")
-        if (
-            corrupt is not None
-            and corrupt.direction == "w"
-            and features
-            & {
-                "drop_writes",
-                "error_writes",
-            }
-        ):
-            raise TargetError("corrupt_bio_byte on writes conflicts with drop_writes/error_writes")
+        if corrupt is not None:
+            clash = "error_reads" if corrupt.direction == "r" else "drop_writes/error_writes"
+            if features & ({"error_reads"} if corrupt.direction == "r" else _WRITE_FAULTS):
+                raise TargetError(f"corrupt_bio_byte on {corrupt.direction} conflicts with {clash}")
         return frozenset(features), corrupt
 
     def refs(self, length: int) -> list[DeviceRef]:
