@@ -275,11 +275,6 @@ async def test_tenant_key_the_stack_cannot_do_inline_is_encrypted_once() -> None
     assert await rd(raw, 0, 8192) == reference_encrypt(tenant, 0, plain)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="InlineCryptoDevice requires the device offset to be aligned to the data unit; "
-    "the kernel's blk-crypto only checks memory alignment (bio_crypt_check_alignment)",
-)
 async def test_inline_with_a_start_not_aligned_to_the_sector_size() -> None:
     line = Line(iv_offset=16, start=1, sector_size=4096)
     raw, engine = lower_device("inline")

@@ -72,8 +72,8 @@ class InlineCryptoDevice(Device):
         if not self.crypto_caps.supports(key):
             raise OSError(errno.EIO, f"device {self.name}: no inline support for key {key.key_id}")
         unit = key.data_unit_size
-        if req.offset % unit or req.length % unit:
-            raise OSError(errno.EINVAL, f"request not aligned to the {unit}-byte data unit")
+        if req.length % unit:  # like bio_crypt_check_alignment: whole data units, any offset
+            raise OSError(errno.EINVAL, f"{req.length} bytes is not whole {unit}-byte data units")
         self.requests += 1
         if self.keyslots is None:
             cipher = self._raw_ciphers.get(key)
