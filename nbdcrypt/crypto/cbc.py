@@ -15,6 +15,7 @@ through one `cryptography` CBC context per unit where libcrypto is missing.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -64,16 +65,8 @@ class CbcCipher:
         out: bytearray | memoryview | None = None,
     ) -> memoryview:
         """Encrypt whole units; unit i uses IV number first + i * step. Returns the ciphertext."""
-        length = batch.check_sizes(data, unit_size, out)
-        target = batch.output(out, length)
-        source = memoryview(data)
-        per_chunk = batch.chunk_units(unit_size)
-        units = length // unit_size
-        for start in range(0, units, per_chunk):
-            count = min(per_chunk, units - start)
-            lo, hi = start * unit_size, (start + count) * unit_size
-            ivs = self._ivs(first + start * step, count, step)
-            piece, out_piece = source[lo:hi], target[lo:hi]
+        target, pieces = self._pieces(data, first, unit_size, step, out)
+        for piece, out_piece, ivs, count in pieces:
             path = self._encrypt_path(count, unit_size // BLOCK)
             if path == "engine":
                 assert self._engine is not None
@@ -94,22 +87,41 @@ class CbcCipher:
         out: bytearray | memoryview | None = None,
     ) -> memoryview:
         """Decrypt whole units; unit i uses IV number first + i * step. Returns the plaintext."""
-        length = batch.check_sizes(data, unit_size, out)
-        target = batch.output(out, length)
-        source = memoryview(data)
-        per_chunk = batch.chunk_units(unit_size)
-        units = length // unit_size
-        for start in range(0, units, per_chunk):
-            count = min(per_chunk, units - start)
-            lo, hi = start * unit_size, (start + count) * unit_size
-            ivs = self._ivs(first + start * step, count, step)
-            piece, out_piece = source[lo:hi], target[lo:hi]
+        target, pieces = self._pieces(data, first, unit_size, step, out)
+        for piece, out_piece, ivs, count in pieces:
             if self._decrypt_path(count) == "engine":
                 assert self._engine is not None
                 self._engine.run(piece, ivs, unit_size, out_piece, encrypt=False)
             else:
                 self._decrypt_batched(piece, unit_size, ivs, out_piece)
         return target
+
+    def _pieces(
+        self,
+        data: Buffer,
+        first: int,
+        unit_size: int,
+        step: int,
+        out: bytearray | memoryview | None,
+    ) -> tuple[memoryview, Iterator[tuple[memoryview, memoryview, U64, int]]]:
+        """The output buffer, and the request cut into chunks: (input, output, IVs, units).
+
+        The chunks come one at a time because the IVs live in a reused scratch buffer.
+        """
+        length = batch.check_sizes(data, unit_size, out)
+        target = batch.output(out, length)
+        source = memoryview(data)
+        per_chunk = batch.chunk_units(unit_size)
+        units = length // unit_size
+
+        def chunks() -> Iterator[tuple[memoryview, memoryview, U64, int]]:
+            for start in range(0, units, per_chunk):
+                count = min(per_chunk, units - start)
+                lo, hi = start * unit_size, (start + count) * unit_size
+                ivs = self._ivs(first + start * step, count, step)
+                yield source[lo:hi], target[lo:hi], ivs, count
+
+        return target, chunks()
 
     def _encrypt_path(self, units: int, blocks: int) -> str:
         """engine | cryptography | batched: the fastest way to encrypt this shape."""
