@@ -164,3 +164,40 @@ def check_backing_file(disk: Path, result: GuestResult) -> None:
             [debugfs, "-R", f"cat /{path}", str(disk)], capture_output=True, timeout=60, check=True
         )
         assert proc.stdout == data, f"/{path} in the backing file differs from what the guest wrote"
+
+
+ENCRYPTED_CONFIG = """\
+keys:
+  tenant: {mode: aes-256-xts, data_unit_size: 4096, source: {file: keys/tenant.key, create: true}}
+devices:
+  disk0:
+    file: disk0.img
+    size: 256M
+    inline_crypto: {keyslots: 2, modes: {aes-256-xts: [4096]}, max_dun_bytes: 8}
+exports:
+  vmdisk: {device: disk0, key: tenant, description: "kernel client over an inline engine"}
+"""
+
+
+def test_kernel_client_on_an_encrypted_export(
+    guest: GuestImage, start_server: StartServer, tmp_path: Path
+) -> None:
+    """ext4 from the kernel client on an export with a key (4096-byte data units, so
+    nbd-client -b 4096): the guest's data comes back decrypted, the backing file is ciphertext."""
+    server = start_server(ENCRYPTED_CONFIG)
+    params = {"script": "kernel-client", "port": str(server.port), "export": "vmdisk"}
+    result = boot(
+        params | {"mode": "netlink", "blocksize": "4096"},
+        BOOT_TIMEOUT,
+        image=guest,
+        console_log=tmp_path / "console.log",
+    )
+    assert result.passed, f"{result.report()}\n--- server log ---\n{server.log[-5000:]}"
+    check_guest_report(result)
+    plain = tmp_path / "plain.img"  # what the export serves: the guest's plaintext
+    run([require_tool("nbdcopy"), server.uri("vmdisk"), str(plain)], timeout=300)
+    assert server.stop() == 0
+    check_backing_file(plain, result)
+    raw = (tmp_path / "disk0.img").read_bytes()
+    assert PATTERN[:4096] not in raw, "plaintext of the pattern in the backing file"
+    assert EXT4_FILES["hello.txt"] not in raw, "plaintext of a file in the backing file"
