@@ -119,7 +119,7 @@ def _serve(args: argparse.Namespace) -> int:
             log.error("cannot listen: %s", exc)
             server.close_devices()
             return 1
-        return 0
+        return 1 if server.flush_failed else 0  # exit 0 only when everything reached disk
 
     result: int = uvloop.run(run())
     return result

@@ -342,7 +342,7 @@ async def test_file_trim_punches_a_hole(disk: FileDevice, tmp_path: Path) -> Non
     if not fs_can(tmp_path, FALLOC_FL_PUNCH_HOLE):
         pytest.skip("the filesystem of tmp_path cannot punch holes")
     await write(disk, 0, b"\x55" * (16 * BS))
-    disk.sync()
+    await disk.flush()
     before = blocks(disk.path)
     await disk.trim(rq(Op.TRIM, 4 * BS, 8 * BS))
     assert blocks(disk.path) <= before - 8 * BS // 512
@@ -365,7 +365,7 @@ async def test_file_write_zeroes_may_punch(disk: FileDevice, tmp_path: Path) -> 
 
 async def test_file_write_zeroes_no_hole_stays_allocated(disk: FileDevice, tmp_path: Path) -> None:
     await write(disk, 0, b"\x55" * (16 * BS))
-    disk.sync()
+    await disk.flush()
     before = blocks(disk.path)
     assert before >= 16 * BS // 512
     await disk.write_zeroes(rq(Op.WRITE_ZEROES, 0, 16 * BS, ReqFlag.NO_HOLE))
@@ -383,7 +383,7 @@ async def test_no_hole_without_zero_range_writes_zeroes(
 ) -> None:
     monkeypatch.setattr(file_backend, "zero_range", _unsupported)
     await write(disk, 0, b"\x55" * (16 * BS))
-    disk.sync()
+    await disk.flush()
     before = blocks(disk.path)
     await disk.write_zeroes(rq(Op.WRITE_ZEROES, BS, 10 * BS + 3, ReqFlag.NO_HOLE))
     assert await read(disk, 0, 16 * BS) == (

@@ -143,9 +143,6 @@ class FileDevice(Device):
     async def cache(self, req: Request) -> None:
         os.posix_fadvise(self.fd, req.offset, req.length, os.POSIX_FADV_WILLNEED)
 
-    def sync(self) -> None:
-        os.fdatasync(self.fd)
-
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

@@ -11,12 +11,14 @@ of nbdcrypt.crypto do whole requests in a few calls, not one per data unit.
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
 
 from nbdcrypt.blkcrypto.key import CryptoKey, CryptoMode
 from nbdcrypt.crypto.cbc import CbcCipher
 from nbdcrypt.crypto.xts import XtsCipher
 
 Buffer = bytes | bytearray | memoryview
+ZERO_CHUNK = 1024 * 1024
 
 
 class UnitCipher:
@@ -46,6 +48,16 @@ class UnitCipher:
     def decrypt(self, dun: int, data: Buffer) -> memoryview:
         self._check(data)
         return self._impl.decrypt(data, dun, self.unit)
+
+    def zeroes(self, dun: int, length: int) -> Iterator[tuple[int, memoryview]]:
+        """Encrypted zeroes for `length` bytes from data unit `dun`, in pieces of at most
+        1 MiB: (byte offset in the range, ciphertext). WRITE_ZEROES under a key writes these:
+        a hole would decrypt to garbage."""
+        step = max(ZERO_CHUNK - ZERO_CHUNK % self.unit, self.unit)
+        zero = bytes(min(step, length))
+        for at in range(0, length, step):
+            n = min(step, length - at)
+            yield at, self.encrypt(dun + at // self.unit, memoryview(zero)[:n])
 
     def __repr__(self) -> str:
         return f"UnitCipher({self.key_id!r}, {self.unit})"

@@ -20,8 +20,6 @@ from nbdcrypt.blkcrypto.profile import CryptoCaps
 from nbdcrypt.device import Device
 from nbdcrypt.request import EXTENT_ZERO, Extent, Op, ReqFlag, Request
 
-_ZERO_CHUNK = 1024 * 1024
-
 
 class InlineCryptoDevice(Device):
     """`inner` with an inline-encryption engine of `caps` and `num_slots` keyslots."""
@@ -121,12 +119,10 @@ class InlineCryptoDevice(Device):
             raise OSError(errno.ENOTSUP, "encrypted zeroes must be written")
         cipher, slot = await self._acquire(req)
         try:
-            step = max(_ZERO_CHUNK - _ZERO_CHUNK % ctx.key.data_unit_size, ctx.key.data_unit_size)
-            for at in range(0, req.length, step):
-                n = min(step, req.length - at)
-                data = cipher.encrypt(ctx.dun + at // ctx.key.data_unit_size, bytes(n))
-                piece = Request(Op.WRITE, req.offset + at, n, req.flags, data)
-                await self.inner.write(piece)
+            for at, data in cipher.zeroes(ctx.dun, req.length):
+                await self.inner.write(
+                    Request(Op.WRITE, req.offset + at, len(data), req.flags, data)
+                )
         finally:
             self._release(slot)
 
@@ -147,8 +143,3 @@ class InlineCryptoDevice(Device):
 
     def close(self) -> None:
         self.inner.close()
-
-    def sync(self) -> None:
-        sync = getattr(self.inner, "sync", None)
-        if sync is not None:
-            sync()

@@ -19,8 +19,6 @@ from nbdcrypt.blkcrypto.key import CryptContext, CryptoKey
 from nbdcrypt.device import Device, DeviceCaps
 from nbdcrypt.request import EXTENT_ZERO, Extent, Op, ReqFlag, Request
 
-_ZERO_CHUNK = 1024 * 1024
-
 
 class CryptSubmitter(Device):
     """`device` seen through one key: what a connection with a key context talks to."""
@@ -79,12 +77,9 @@ class CryptSubmitter(Device):
         if self._inline():
             await self.device.write_zeroes(req.with_crypt(ctx))
             return
-        step = _ZERO_CHUNK - _ZERO_CHUNK % self.unit or self.unit
-        for at in range(0, req.length, step):
-            n = min(step, req.length - at)
-            data = self._cipher().encrypt(ctx.dun + at // self.unit, bytes(n))
-            self.device.fallback_bytes += n
-            piece = Request(Op.WRITE, req.offset + at, n, req.flags, data, encrypted=True)
+        for at, data in self._cipher().zeroes(ctx.dun, req.length):
+            self.device.fallback_bytes += len(data)
+            piece = Request(Op.WRITE, req.offset + at, len(data), req.flags, data, encrypted=True)
             await self.device.write(piece)
 
     async def trim(self, req: Request) -> None:

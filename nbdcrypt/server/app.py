@@ -108,6 +108,7 @@ class Server:
         self._unix_paths: list[str] = []
         self._stop = asyncio.Event()
         self.control: ControlServer | None = None
+        self.flush_failed = False  # the final flush failed: writes may not be durable
         self.keys = {name: load_key(key_cfg) for name, key_cfg in config.keys.items()}
         try:
             for name, dev_cfg in config.devices.items():
@@ -212,6 +213,7 @@ class Server:
                 await device.flush()
             except OSError as exc:
                 log.error("device %s: final flush failed: %s", name, exc)
+                self.flush_failed = True
 
     def close_devices(self) -> None:
         for device in self.devices.values():

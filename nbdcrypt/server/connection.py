@@ -14,6 +14,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 from nbdcrypt.nbd import handshake as hs
@@ -273,18 +274,17 @@ class Connection(asyncio.BufferedProtocol):
         )
         self._device = export.io
         export.device.openers += 1
-        self._sparse_read_min = (
-            SPARSE_READ_MIN
-            if neg.structured_replies and export.device.caps.can_extents
-            else 1 << 64
-        )
+        # Holes are worth looking for only where they read as zeroes: not through a key.
+        sparse = neg.structured_replies and export.key is None and export.device.caps.can_extents
+        self._sparse_read_min = SPARSE_READ_MIN if sparse else 1 << 64
+        device = self._device
         self._handlers = {
             Cmd.READ: self._read,
             Cmd.WRITE: self._write,
             Cmd.FLUSH: self._flush,
-            Cmd.TRIM: self._trim,
-            Cmd.WRITE_ZEROES: self._write_zeroes,
-            Cmd.CACHE: self._cache,
+            Cmd.TRIM: partial(self._ranged, Op.TRIM, device.trim),
+            Cmd.WRITE_ZEROES: partial(self._ranged, Op.WRITE_ZEROES, device.write_zeroes),
+            Cmd.CACHE: partial(self._ranged, Op.CACHE, device.cache),
             Cmd.BLOCK_STATUS: self._block_status,
         }
         log.info(
@@ -317,8 +317,7 @@ class Connection(asyncio.BufferedProtocol):
     def _run_queue(self) -> None:
         """Run queued events until the queue is empty or the connection holds its cap in
         replies and payloads; replies made meanwhile leave in one writev."""
-        queue, handlers, transport = self._queue, self._handlers, self._transport
-        cap = self.state.limits.max_inflight_bytes
+        queue, handlers, transport, cap = self._queue, self._handlers, self._transport, self._cap
         batch: list[bytes | bytearray | memoryview] = []
         self._batch = batch
         self._batch_bytes = 0
@@ -372,6 +371,7 @@ class Connection(asyncio.BufferedProtocol):
         out = self._batch
         if out is not None:
             out.append(data)
+            self._batch_bytes += len(data)
         elif not self._transport.is_closing():
             self._transport.write(data)
 
@@ -403,7 +403,7 @@ class Connection(asyncio.BufferedProtocol):
             self._close_when_idle()
 
     async def _read(self, c: Command) -> None:
-        self._inflight += 1
+        self._inflight += 1  # _begin(), inlined on the hottest path
         try:
             if c.length >= self._sparse_read_min:
                 await self._read_sparse(c)
@@ -425,9 +425,7 @@ class Connection(asyncio.BufferedProtocol):
         except Exception as exc:
             self._fail(c, exc)
         finally:
-            self._inflight -= 1
-            if self._inflight == 0 and (self._disconnecting or self._shutting_down):
-                self._close_when_idle()
+            self._end()
 
     async def _read_sparse(self, c: Command) -> None:
         """A structured read that sends holes as OFFSET_HOLE chunks instead of zeroes."""
@@ -488,26 +486,13 @@ class Connection(asyncio.BufferedProtocol):
         finally:
             self._end()
 
-    async def _trim(self, c: Command) -> None:
-        await self._ranged(c, Op.TRIM)
-
-    async def _write_zeroes(self, c: Command) -> None:
-        await self._ranged(c, Op.WRITE_ZEROES)
-
-    async def _cache(self, c: Command) -> None:
-        await self._ranged(c, Op.CACHE)
-
-    async def _ranged(self, c: Command, op: Op) -> None:
+    async def _ranged(
+        self, op: Op, run: Callable[[Request], Coroutine[Any, Any, None]], c: Command
+    ) -> None:
+        """TRIM, WRITE_ZEROES, CACHE: a range, no data, a simple reply."""
         self._begin()
         try:
-            device = self._device
-            req = Request(op, c.offset, c.length, ReqFlag(c.flags & _PASS_FLAGS))
-            if op is Op.TRIM:
-                await device.trim(req)
-            elif op is Op.WRITE_ZEROES:
-                await device.write_zeroes(req)
-            else:
-                await device.cache(req)
+            await run(Request(op, c.offset, c.length, ReqFlag(c.flags & _PASS_FLAGS)))
             self._send(simple_reply(c.handle))
         except Exception as exc:
             self._fail(c, exc)

@@ -1,9 +1,10 @@
-"""Run a coroutine to completion right now when it never waits; hand it to a task only if it does.
+"""Finish in a task a coroutine that was stepped by hand and had to wait.
 
 Most requests finish without awaiting anything (a page-cache read, a pwrite), and an asyncio
-Task per request would cost more than the I/O itself. `start` steps the coroutine once, as
-Python 3.12's eager task factory does: if it finished, nothing was scheduled; if it waited,
-the rest of it runs in a Task that first waits on what the coroutine was waiting for.
+Task per request would cost more than the I/O itself. The connection steps each request's
+coroutine once itself, as Python 3.12's eager task factory does: if it finished, nothing was
+scheduled; if it waited, `finish_in_task` runs the rest in a Task that first waits on what the
+coroutine was waiting for.
 
 Caveat: until its first real wait, the coroutine runs outside any Task, so code on that path
 must not rely on asyncio.current_task() (asyncio.timeout() does; Locks, Events, futures don't).
@@ -46,22 +47,6 @@ async def _finish(resume: _Resume) -> None:
     await resume
 
 
-def start(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
-    """Run `coro` until it first waits; None if it finished, else the task that finishes it.
-
-    An exception raised before the first wait propagates to the caller.
-    """
-    try:
-        yielded = coro.send(None)
-    except StopIteration:
-        return None
-    return finish_in_task(coro, yielded)
-
-
 def finish_in_task(coro: Coroutine[Any, Any, None], yielded: object) -> asyncio.Task[None]:
-    """Continue a coroutine that was stepped by hand and yielded `yielded`, in a new task.
-
-    Callers on a hot path step the coroutine themselves (saving a call) and use this only
-    when it waited.
-    """
+    """Continue, in a new task, a coroutine that was stepped by hand and yielded `yielded`."""
     return asyncio.get_running_loop().create_task(_finish(_Resume(coro, yielded)))
