@@ -40,6 +40,7 @@ from nbdcrypt.nbd.transmission import (
 )
 from nbdcrypt.request import Extent, Op, ReqFlag, Request
 from nbdcrypt.server import eager
+from nbdcrypt.server.identity import PeerIdentity, identify
 
 if TYPE_CHECKING:
     from nbdcrypt.device import Device
@@ -72,6 +73,7 @@ class Connection(asyncio.BufferedProtocol):
         self.state = state
         self.listener = listener
         self.peer = "?"
+        self.identity = PeerIdentity("unix")  # set in connection_made; TLS adds to it
         self.export: Export | None = None
         self.transport: asyncio.Transport | None = None
         self._handshake: hs.ServerHandshake | None = hs.ServerHandshake()
@@ -106,10 +108,10 @@ class Connection(asyncio.BufferedProtocol):
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.transport = self._transport = transport
         sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        self.identity = identify(sock)
+        if self.identity.transport == "tcp":
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            host, port = transport.get_extra_info("peername")[:2]
-            self.peer = f"{host}:{port}"
+            self.peer = self.identity.describe()
         else:
             self.peer = f"{self.listener}#{self.state.next_serial()}"
         transport.set_write_buffer_limits(high=self.state.limits.max_inflight_bytes // 2)
