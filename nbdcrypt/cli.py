@@ -24,6 +24,7 @@ from nbdcrypt.config.model import (
 from nbdcrypt.control.client import add_parser as add_ctl_parser
 from nbdcrypt.control.client import socket_path
 from nbdcrypt.keyring import KeyFileError
+from nbdcrypt.server import heap
 from nbdcrypt.server.app import Server
 
 log = logging.getLogger("nbdcrypt")
@@ -106,6 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     config = load_config(args.config, listen_override=args.listen)
+    heap.keep_freed_memory()
     if args.control is not None:
         config = dataclasses.replace(
             config, server=dataclasses.replace(config.server, control=args.control)

@@ -34,6 +34,7 @@ from nbdcrypt.nbd.constants import (
 
 _REQUEST = struct.Struct(">IHHQQI")
 _REQUEST_SIZE = _REQUEST.size  # 28
+REQUEST_SIZE = _REQUEST_SIZE  # a request header, without its payload
 _SIMPLE = struct.Struct(">IIQ")
 _CHUNK = struct.Struct(">IHHQI")
 _DATA_CHUNK = struct.Struct(">IHHQIQ")  # chunk header + offset

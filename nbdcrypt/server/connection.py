@@ -27,6 +27,7 @@ from nbdcrypt.nbd.constants import (
     wire_errno,
 )
 from nbdcrypt.nbd.transmission import (
+    REQUEST_SIZE,
     BadCommand,
     Command,
     Disconnect,
@@ -56,6 +57,7 @@ _PASS_FLAGS = int(ReqFlag.FUA | ReqFlag.NO_HOLE | ReqFlag.FAST_ZERO)
 
 
 READ_BUFFER = 256 * 1024  # per connection: what one read from the socket can take
+DIRECT_PAYLOAD = 64 * 1024  # write payloads this large are read from the socket in place
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -92,6 +94,10 @@ class Connection(asyncio.BufferedProtocol):
         self._opened = time.monotonic()
         self._read_view = memoryview(bytearray(READ_BUFFER))
         self._into_payload = False
+        # After a large write payload, read only the next request's header, so that its payload
+        # (likely large too) goes straight into its own buffer instead of through _read_view.
+        self._header_only = False
+        self._header_view = self._read_view[:REQUEST_SIZE]
         self.requests = 0
         self.bytes_read = 0
         self.bytes_written = 0
@@ -130,15 +136,20 @@ class Connection(asyncio.BufferedProtocol):
                 self._into_payload = True
                 return target
         self._into_payload = False
-        return self._read_view
+        return self._header_view if self._header_only else self._read_view
 
     def buffer_updated(self, nbytes: int) -> None:
         parser = self._parser
         if self._into_payload:
             assert parser is not None
-            self._on_events(parser.payload_received(nbytes))
+            events = parser.payload_received(nbytes)
+            if events:  # a payload is complete; big ones come in runs (sequential writes)
+                self._header_only = cast(Command, events[0]).length >= DIRECT_PAYLOAD
+                self._on_events(events)
         elif parser is not None:
-            self._on_events(parser.feed(self._read_view[:nbytes], reused=True))
+            events = parser.feed(self._read_view[:nbytes], reused=True)
+            self._header_only = parser.pending_payload >= DIRECT_PAYLOAD
+            self._on_events(events)
         else:
             self.data_received(self._read_view[:nbytes].tobytes())
 
