@@ -123,6 +123,49 @@ def test_qemu_img_convert_in_and_out(start_server: StartServer, tmp_path: Path, 
     assert diff.returncode == 1, diff.stdout + diff.stderr
 
 
+ENCRYPTED_CONFIG = """\
+keys:
+  disk-key: {mode: aes-256-xts, data_unit_size: 4096, source: {file: keys/disk.key, create: true}}
+devices:
+  disk0:
+    file: disk0.img
+    size: 64M
+    inline_crypto: {keyslots: 2, modes: {aes-256-xts: [512, 4096]}, max_dun_bytes: 8}
+exports:
+  vm: {device: disk0, key: disk-key}
+"""
+
+
+def test_qemu_img_convert_a_disk_image_into_an_encrypted_export_and_back(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """A qcow2 disk image goes into an export with a 4096-byte-unit key and comes back out as
+    qcow2 identical to it; the backing file holds only ciphertext."""
+    require_tool("qemu-img")
+    server = start_server(ENCRYPTED_CONFIG)
+    uri = server.uri("vm")
+    raw = tmp_path / "src.raw"
+    data = make_image(raw, 64 * MiB, seed=20)
+    src = tmp_path / "src.qcow2"
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(src)], timeout=120)
+
+    run(["qemu-img", "convert", "-n", "-f", "qcow2", "-O", "raw", str(src), uri], timeout=300)
+    cmp = run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(src), uri], timeout=300)
+    assert "Images are identical" in cmp.stdout, cmp.stdout
+
+    back = tmp_path / "back.qcow2"
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", uri, str(back)], timeout=300)
+    cmp = run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(src), str(back)])
+    assert "Images are identical" in cmp.stdout, cmp.stdout
+
+    backing = (workdir(server) / "disk0.img").read_bytes()
+    assert server.stop() == 0
+    for off in (0, 2 * MiB, 5 * MiB, 63 * MiB):  # make_image's data pieces
+        sample = data[off : off + 4096]
+        assert any(sample)
+        assert sample not in backing, f"plaintext from offset {off} in the backing file"
+
+
 # ---------------------------------------------------------------- qemu-io
 
 

@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,8 +101,11 @@ def kernel_command_line(params: dict[str, str]) -> str:
     return " ".join(words)
 
 
-def qemu_command(image: GuestImage, console_log: Path, append: str) -> list[str]:
-    """The QEMU invocation known to work here (TCG; -accel kvm hangs on this kind of host)."""
+def qemu_command(
+    image: GuestImage, console_log: Path, append: str, extra: Sequence[str] = ()
+) -> list[str]:
+    """The QEMU invocation known to work here (TCG; -accel kvm hangs on this kind of host);
+    `extra` adds arguments, e.g. a -drive whose disk is an NBD export."""
     return [
         "qemu-system-x86_64",
         "-accel", "tcg", "-cpu", "qemu64", "-m", "512", "-smp", "1",
@@ -109,6 +113,7 @@ def qemu_command(image: GuestImage, console_log: Path, append: str) -> list[str]
         "-serial", f"file:{console_log}",
         "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", append,
         "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
+        *extra,
     ]  # fmt: skip
 
 
@@ -118,13 +123,14 @@ def boot(
     *,
     image: GuestImage | None = None,
     console_log: Path | None = None,
+    extra: Sequence[str] = (),
 ) -> GuestResult:
     """Boot the guest once with these nbdtest.* parameters and wait at most `timeout` seconds.
 
     Unless the caller sets `timeout` in params, the guest's own watchdog is set to fire a little
     before the host gives up, so a stuck scenario still reports a FAIL with the guest's dmesg.
     The console log goes to `console_log` (default: a new temporary directory), qemu's own
-    output next to it with the suffix .qemu.
+    output next to it with the suffix .qemu. `extra` arguments go to qemu as they are.
     """
     if image is None:
         image = ensure_guest()
@@ -134,7 +140,7 @@ def boot(
     console_log.unlink(missing_ok=True)
     params = dict(params)
     params.setdefault("timeout", str(max(10, int(timeout - max(20.0, timeout * 0.1)))))
-    cmd = qemu_command(image, console_log, kernel_command_line(params))
+    cmd = qemu_command(image, console_log, kernel_command_line(params), extra)
 
     timed_out = False
     exit_code: int | None
