@@ -16,16 +16,20 @@ from nbdcrypt.backends.file import BackingFileError
 from nbdcrypt.blkcrypto.profile import CryptoCaps
 from nbdcrypt.config.loader import ConfigError, load_config
 from nbdcrypt.config.model import (
+    ClientCertificate,
     Config,
     FileDeviceConfig,
     MemoryDeviceConfig,
     TableDeviceConfig,
+    TlsConfig,
+    TlsMode,
 )
 from nbdcrypt.control.client import add_parser as add_ctl_parser
 from nbdcrypt.control.client import socket_path
 from nbdcrypt.keyring import KeyFileError
 from nbdcrypt.server import heap
 from nbdcrypt.server.app import Server
+from nbdcrypt.tls import TlsFileError, check_credentials
 
 log = logging.getLogger("nbdcrypt")
 
@@ -93,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nbdcrypt: backing file: {exc}", file=sys.stderr)
         return 1
     except KeyFileError as exc:
+        print(f"nbdcrypt: {exc}", file=sys.stderr)
+        return 1
+    except TlsFileError as exc:  # a TLS file changed between loading the config and serving
         print(f"nbdcrypt: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -219,10 +226,41 @@ def _key_line(config: Config, device: str, key_name: str) -> str:
     return f"    key: {key_name} ({key.mode.value}, {key.data_unit_size}-byte data units): {path}"
 
 
+_TLS_MODES = {
+    TlsMode.OFF: "off (STARTTLS is refused)",
+    TlsMode.ALLOW: "allow (clients may STARTTLS)",
+    TlsMode.REQUIRE: "require (STARTTLS before any other option)",
+}
+_CLIENT_CERTIFICATES = {
+    ClientCertificate.REQUIRED: "required",
+    ClientCertificate.OPTIONAL: "optional (without one, a client is anonymous)",
+    ClientCertificate.NONE: "not asked for (every TLS client is anonymous)",
+}
+
+
+def _tls_lines(tls: TlsConfig) -> list[str]:
+    """`server.tls` as check prints it: the mode, and with TLS on what the files hold."""
+    lines = [f"tls: {_TLS_MODES[tls.mode]}"]
+    if tls.mode is TlsMode.OFF:
+        return lines
+    found = check_credentials(tls)
+    names = f" ({', '.join(found.sans)})" if found.sans else ""
+    lines.append(
+        f"  certificate: {tls.certificate}: {found.subject}{names}, "
+        f"expires {found.not_after:%Y-%m-%d}"
+    )
+    lines.append(f"  private key: {tls.private_key}")
+    lines.append(f"  client certificates: {_CLIENT_CERTIFICATES[tls.client_certificate]}")
+    if tls.ca is not None and tls.client_certificate is not ClientCertificate.NONE:
+        lines.append(f"  ca: {tls.ca}: {'; '.join(found.ca_subjects)}")
+    return lines
+
+
 def describe(config: Config) -> str:
     """What `check` prints: listeners, devices (tables with their lines) and exports, resolved."""
     lines = [f"config: {config.source}", "listen:"]
     lines += [f"  {address}" for address in config.server.listen]
+    lines += _tls_lines(config.server.tls)
     lines.append("devices:")
     for name, dev in config.devices.items():
         if isinstance(dev, FileDeviceConfig):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tlscerts import Pki, make_pki
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -156,3 +157,11 @@ def run(
 SYSTEM_PYTHON = "/usr/bin/python3"  # python3-libnbd is installed for Debian's Python only
 
 os.environ.setdefault("LIBNBD_DEBUG", "0")
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A test CA, a server certificate for localhost/127.0.0.1 and client certificates
+    (tests/tlscerts.py), made once per session with certtool."""
+    require_tool("certtool")
+    return make_pki(tmp_path_factory.mktemp("pki"))

@@ -431,17 +431,19 @@ ERRORS = [
     (
         "tls-require",
         SERVER + "  tls: {mode: require}\n" + DEVICES + EXPORTS,
-        "3: server.tls.mode: not supported yet (planned)",
+        "3: server.tls: missing key 'certificate' (mode require needs the server's certificate "
+        "and key)",
     ),
     (
-        "tls-cert",
-        SERVER + "  tls: {mode: off, certificate: c.pem}\n" + DEVICES + EXPORTS,
-        "3: server.tls.certificate: not supported yet (planned)",
+        "tls-ca-unused",
+        SERVER + "  tls: {mode: off, client_certificate: none, ca: c.pem}\n" + DEVICES + EXPORTS,
+        "3: server.tls.ca: not used with client_certificate: none (remove it, or ask clients "
+        "for certificates)",
     ),
     (
         "tls-bad-mode",
         SERVER + "  tls: {mode: on}\n" + DEVICES + EXPORTS,
-        "3: server.tls.mode: expected off, got 'on' (allow and require are planned)",
+        "3: server.tls.mode: expected off, allow or require, got 'on'",
     ),
     (
         "tls-no-mode",

@@ -24,9 +24,11 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from nbdcrypt.blkcrypto.key import DATA_UNIT_SIZES, CryptoMode, parse_mode
 from nbdcrypt.blkcrypto.profile import CryptoCaps
 from nbdcrypt.dm.table import TableError, TableLine, check_lines, parse_line, table_size
+from nbdcrypt.tls import TlsFileError, check_credentials
 
 from .model import (
     SECTOR,
+    ClientCertificate,
     Config,
     DeviceConfig,
     ExportConfig,
@@ -38,6 +40,8 @@ from .model import (
     MemoryDeviceConfig,
     ServerConfig,
     TableDeviceConfig,
+    TlsConfig,
+    TlsMode,
 )
 from .units import MAX_SIZE, MIB, parse_bytes, parse_duration, parse_int, parse_size
 
@@ -58,6 +62,7 @@ _CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
 _EXPORT_KEYS = ("device", "readonly", "description", "multi_conn", "default", "key")
 _DEVICE_KEYS = ("file", "size", "memory", "table", "allow_overlap", "inline_crypto")
 _KEY_KEYS = ("mode", "data_unit_size", "dun_bytes", "source")
+_TLS_KEYS = ("mode", "certificate", "private_key", "ca", "client_certificate")
 _KINDS = {"file": "a file", "memory": "a memory device", "table": "a table"}
 _LINE_PREFIX = re.compile(r"line ([0-9]+): ")
 _BREAKS = re.compile("\r\n|[\n\r\x85\u2028\u2029]")  # what PyYAML counts as a new line
@@ -407,15 +412,55 @@ def _listen(item: _Item) -> tuple[ListenAddress, ...]:
 # --- sections --------------------------------------------------------------------------------
 
 
-def _tls(item: _Item) -> None:
-    """Only `tls: {mode: off}` for now."""
-    fields = item.fields(("mode",), planned=("certificate", "private_key", "ca"))
-    mode = fields.require("mode")
-    text = mode.scalar((_TAG + "bool", _TAG + "str"), "off")
-    if text in ("allow", "require"):
-        mode.fail(_PLANNED)
-    if text.lower() != "off":
-        mode.fail(f"expected off, got {_short(text)} (allow and require are planned)")
+def _tls_mode(item: _Item) -> TlsMode:
+    text = item.scalar((_TAG + "bool", _TAG + "str"), "off, allow or require")
+    try:
+        return TlsMode(text.lower())
+    except ValueError:
+        item.fail(f"expected off, allow or require, got {_short(text)}")
+
+
+def _client_certificate(item: _Item) -> ClientCertificate:
+    text = item.string()
+    try:
+        return ClientCertificate(text)
+    except ValueError:
+        item.fail(f"expected required, optional or none, got {_short(text)}")
+
+
+def _pem_path(item: _Item) -> Path:
+    text = item.string()
+    if not text or "\0" in text:
+        item.fail("expected a file path" + (" without NUL characters" if text else ""))
+    return item.src.base / text
+
+
+def _tls(item: _Item) -> TlsConfig:
+    """`tls: {mode: off|allow|require, certificate, private_key, ca, client_certificate}`; with
+    TLS on, the PEM files are read and checked here so that their errors have a line."""
+    fields = item.fields(_TLS_KEYS)
+    mode = _tls_mode(fields.require("mode"))
+    certificate, private_key, ca = (fields.opt(k, _pem_path, None) for k in _TLS_KEYS[1:4])
+    client = fields.opt("client_certificate", _client_certificate, ClientCertificate.REQUIRED)
+    cfg = TlsConfig(mode, certificate, private_key, ca, client)
+    if client is ClientCertificate.NONE and ca is not None:
+        fields.key("ca").fail(
+            "not used with client_certificate: none (remove it, or ask clients for certificates)"
+        )
+    if mode is TlsMode.OFF:
+        return cfg
+    why = f" (mode {mode.value} needs the server's certificate and key)"
+    fields.require("certificate", why)
+    fields.require("private_key", why)
+    if client is not ClientCertificate.NONE:
+        fields.require(
+            "ca", " (client certificates are verified against it; or set client_certificate: none)"
+        )
+    try:
+        check_credentials(cfg)
+    except TlsFileError as exc:
+        fields.require(exc.key).fail(exc.message)
+    return cfg
 
 
 def _at_least_one(item: _Item) -> int:
@@ -461,14 +506,13 @@ def _server(top: _Fields, override: tuple[ListenAddress, ...]) -> ServerConfig:
             top.require("server", why)
         return ServerConfig(override)
     fields = item.fields(("listen", "limits", "tls", "control"), planned=("metrics",))
-    if "tls" in fields:
-        _tls(fields.require("tls"))
+    tls = fields.opt("tls", _tls, TlsConfig())
     no_listen: tuple[ListenAddress, ...] = ()
     listen = fields.opt("listen", _listen, no_listen)
     if not override:
         fields.require("listen", why)
     control = fields.opt("control", _control, None)
-    return ServerConfig(override or listen, _limits(fields.get("limits")), control)
+    return ServerConfig(override or listen, _limits(fields.get("limits")), control, tls)
 
 
 def _control(item: _Item) -> Path:

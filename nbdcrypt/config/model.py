@@ -8,6 +8,7 @@ Later sections (dm tables, keys, TLS, client rules) are added as new fields and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from nbdcrypt.blkcrypto.key import CryptoMode
@@ -44,11 +45,39 @@ class Limits:
     shutdown_timeout: float = 10.0  # seconds SIGTERM waits for in-flight requests
 
 
+class TlsMode(Enum):
+    """NBD_OPT_STARTTLS policy: refused, offered, or required before any other option."""
+
+    OFF = "off"
+    ALLOW = "allow"
+    REQUIRE = "require"
+
+
+class ClientCertificate(Enum):
+    """What a TLS client must show: a certificate from the CA, optionally one, or none."""
+
+    REQUIRED = "required"  # no certificate, or one the CA did not sign: the TLS handshake fails
+    OPTIONAL = "optional"  # none: TLS completes anonymously; a bad one still fails
+    NONE = "none"  # not asked for: every TLS client is anonymous
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """`server.tls`: the mode and where the PEM files are (never their contents)."""
+
+    mode: TlsMode = TlsMode.OFF
+    certificate: Path | None = None  # the server's certificate chain, leaf first
+    private_key: Path | None = None  # its key, unencrypted, refused if group/world-accessible
+    ca: Path | None = None  # the CA certificate(s) client certificates are verified against
+    client_certificate: ClientCertificate = ClientCertificate.REQUIRED
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     listen: tuple[ListenAddress, ...]
     limits: Limits = field(default_factory=Limits)
     control: Path | None = None  # the control socket `nbdcrypt ctl` talks to (unix, 0600)
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
 
 @dataclass(frozen=True, slots=True)

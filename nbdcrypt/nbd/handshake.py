@@ -18,10 +18,21 @@ States, and what moves between them:
     OPTION_DATA    --option needing the server-->       AWAIT_REPLY (event emitted)
     AWAIT_REPLY    --reply_error / reply_list / INFO--> OPTION_HEADER
     AWAIT_REPLY    --GO acked / EXPORT_NAME accepted--> TRANSMISSION
+    AWAIT_REPLY    --reply_starttls (STARTTLS acked)--> TLS_HANDSHAKE
+    TLS_HANDSHAKE  --tls_established()-->               OPTION_HEADER (over TLS now)
     any            --ABORT, close()-->                  CLOSED
 
 Odd transitions: an EXPORT_NAME that cannot be honoured has no error reply in the protocol,
 so `reply_error` on it closes the session; an oversized EXPORT_NAME closes it too.
+
+TLS (the spec's FORCEDTLS and SELECTIVETLS modes): with `tls_required`, until TLS runs every
+option but STARTTLS and ABORT is answered NBD_REP_ERR_TLS_REQD here (oversized ones after they
+are drained), EXPORT_NAME closes the session, and a client that did not set
+NBD_FLAG_C_FIXED_NEWSTYLE (which STARTTLS needs) is closed at its flags. Once STARTTLS is acked,
+everything negotiated before it is forgotten (structured replies, meta contexts), and bytes
+received after it are dropped unread, now and until `tls_established()`: they were sent in
+plaintext, and a man in the middle could have put them there. A second STARTTLS, or one with
+data, gets NBD_REP_ERR_INVALID.
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ _KNOWN_CLIENT_FLAGS = int(
     ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
 )  # an int: ~ of a flag drops bits
 BASE_ALLOCATION_ID = 1  # the meta-context ID this server gives base:allocation
+_TLS_REQD = "TLS is required: send NBD_OPT_STARTTLS first"
 
 
 class State(Enum):
@@ -63,6 +75,7 @@ class State(Enum):
     OPTION_DATA = auto()
     DRAIN = auto()
     AWAIT_REPLY = auto()
+    TLS_HANDSHAKE = auto()  # STARTTLS acked: the server runs the TLS handshake
     TRANSMISSION = auto()
     CLOSED = auto()
 
@@ -110,7 +123,8 @@ class MetaContextRequest:
 
 @dataclass(frozen=True, slots=True)
 class StartTLSRequest:
-    """NBD_OPT_STARTTLS: answer with reply_error() (no TLS yet)."""
+    """NBD_OPT_STARTTLS before TLS runs: answer with reply_starttls(), or reply_error() if the
+    server offers no TLS."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,8 +223,11 @@ class _Reader:
 class ServerHandshake:
     """One client's handshake, from the greeting to the transmission phase."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls_required: bool = False) -> None:
         self.state = State.CLIENT_FLAGS
+        self.tls_required = tls_required  # FORCEDTLS: no option but STARTTLS/ABORT before TLS
+        self.tls_active = False  # STARTTLS was acked and the server established TLS
+        self.discarded = 0  # plaintext bytes received after the STARTTLS ACK, dropped unread
         self._in = bytearray()
         self._out = bytearray(_GREETING)
         self._client_flags = ClientFlag(0)
@@ -225,7 +242,9 @@ class ServerHandshake:
     # Input ----------------------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
-        if self.state not in (State.CLOSED, State.TRANSMISSION):
+        if self.state is State.TLS_HANDSHAKE:
+            self.discarded += len(data)
+        elif self.state not in (State.CLOSED, State.TRANSMISSION):
             self._in += data
 
     def data_to_send(self) -> bytes:
@@ -249,6 +268,8 @@ class ServerHandshake:
                 if flags & ~_KNOWN_CLIENT_FLAGS:
                     return self._fail(f"unknown client flags {flags:#x}")
                 self._client_flags = ClientFlag(flags)
+                if self.tls_required and not self._fixed_newstyle:
+                    return self._fail("TLS is required, and STARTTLS needs fixed newstyle")
                 self.state = State.OPTION_HEADER
             elif state is State.OPTION_HEADER:
                 if len(self._in) < 16:
@@ -271,6 +292,8 @@ class ServerHandshake:
                 if self._option_len:
                     return NEED_DATA
                 self.state = State.OPTION_HEADER
+                if self._tls_gate(self._option):
+                    return self._answer(Rep.ERR_TLS_REQD, _TLS_REQD)
                 return self._answer(Rep.ERR_TOO_BIG, "option data is too large")
             elif state is State.OPTION_DATA:
                 if len(self._in) < self._option_len:
@@ -288,7 +311,19 @@ class ServerHandshake:
 
     # Option dispatch ------------------------------------------------------------------------
 
+    @property
+    def _fixed_newstyle(self) -> bool:
+        return bool(self._client_flags & ClientFlag.C_FIXED_NEWSTYLE)
+
+    def _tls_gate(self, option: int) -> bool:
+        """True if `option` must be refused because TLS is required and not running yet."""
+        return self.tls_required and not self.tls_active and option not in (Opt.STARTTLS, Opt.ABORT)
+
     def _dispatch(self, option: int, data: bytes) -> Event | None:
+        if self._tls_gate(option):
+            if option == Opt.EXPORT_NAME:  # it has no error reply: the session ends
+                return self._fail("EXPORT_NAME before STARTTLS, and TLS is required")
+            return self._answer(Rep.ERR_TLS_REQD, _TLS_REQD)
         try:
             if option == Opt.EXPORT_NAME:
                 return self._await(ExportNameRequest(_Reader(data).string(len(data), "name")))
@@ -301,6 +336,10 @@ class ServerHandshake:
                 return self._await(ListExports())
             if option == Opt.STARTTLS:
                 self._no_data(data)
+                if self.tls_active:
+                    return self._answer(Rep.ERR_INVALID, "TLS is already running")
+                if not self._fixed_newstyle:
+                    return self._answer(Rep.ERR_POLICY, "STARTTLS needs fixed newstyle")
                 return self._await(StartTLSRequest())
             if option in (Opt.INFO, Opt.GO):
                 return self._await(self._parse_info(data, go=option == Opt.GO))
@@ -416,6 +455,25 @@ class ServerHandshake:
             self._meta_export = pending.export
             self._meta_selected = bool(pending.contexts)
         self._reply(opt, Rep.ACK)
+        self.state = State.OPTION_HEADER
+
+    def reply_starttls(self) -> None:
+        """Accept NBD_OPT_STARTTLS: queue the ACK (the last plaintext byte to send), forget what
+        was negotiated and drop unread input. The server then runs the TLS handshake over the
+        same stream and calls tls_established()."""
+        self._take_pending(StartTLSRequest)
+        self._reply(Opt.STARTTLS, Rep.ACK)
+        self.discarded += len(self._in)
+        self._in.clear()
+        self._structured = False
+        self._meta_export, self._meta_selected = None, False
+        self.state = State.TLS_HANDSHAKE
+
+    def tls_established(self) -> None:
+        """The TLS handshake succeeded: option haggling goes on over TLS."""
+        if self.state is not State.TLS_HANDSHAKE:
+            raise RuntimeError("no STARTTLS was acked")
+        self.tls_active = True
         self.state = State.OPTION_HEADER
 
     def close(self) -> None:

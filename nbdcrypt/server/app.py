@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import stat
 from dataclasses import dataclass, field
 
@@ -26,6 +27,8 @@ from nbdcrypt.config.model import (
     ListenAddress,
     MemoryDeviceConfig,
     TableDeviceConfig,
+    TlsConfig,
+    TlsMode,
 )
 from nbdcrypt.control.commands import Controller, resume_suspended
 from nbdcrypt.control.server import ControlServer
@@ -35,6 +38,7 @@ from nbdcrypt.dm.table import Table
 from nbdcrypt.export import Export
 from nbdcrypt.keyring import load_key
 from nbdcrypt.server.connection import Connection
+from nbdcrypt.tls import server_context
 
 log = logging.getLogger("nbdcrypt.server")
 
@@ -48,6 +52,8 @@ class ServerState:
     limits: Limits
     connections: set[Connection] = field(default_factory=set)
     serial: int = 0  # connections accepted so far, to tell unix-socket peers apart in logs
+    tls: ssl.SSLContext | None = None  # NBD_OPT_STARTTLS upgrades with it; None: TLS is off
+    tls_required: bool = False  # no option but STARTTLS and ABORT before TLS
 
     def next_serial(self) -> int:
         self.serial += 1
@@ -110,6 +116,7 @@ class Server:
         self.control: ControlServer | None = None
         self.flush_failed = False  # the final flush failed: writes may not be durable
         self.keys = {name: load_key(key_cfg) for name, key_cfg in config.keys.items()}
+        tls_context = self._tls_context(config.server.tls)
         try:
             for name, dev_cfg in config.devices.items():
                 self.devices[name] = open_device(dev_cfg, self.devices)
@@ -121,7 +128,23 @@ class Server:
             exports=build_exports(config, self.devices, self.keys),
             default_export=default.name if default else None,
             limits=config.server.limits,
+            tls=tls_context,
+            tls_required=config.server.tls.mode is TlsMode.REQUIRE,
         )
+
+    @staticmethod
+    def _tls_context(cfg: TlsConfig) -> ssl.SSLContext | None:
+        if cfg.mode is TlsMode.OFF:
+            return None
+        context, found = server_context(cfg)
+        log.info(
+            "TLS %s: certificate %s (expires %s), client certificates %s",
+            cfg.mode.value,
+            found.subject,
+            f"{found.not_after:%Y-%m-%d}",
+            cfg.client_certificate.value,
+        )
+        return context
 
     async def start(self) -> None:
         if self.config.server.control is not None:  # first: ready for ctl once clients can come

@@ -9,6 +9,7 @@ queued for the socket exceed the connection's cap.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import time
@@ -42,6 +43,7 @@ from nbdcrypt.nbd.transmission import (
 from nbdcrypt.request import Extent, Op, ReqFlag, Request
 from nbdcrypt.server import eager
 from nbdcrypt.server.identity import PeerIdentity, identify
+from nbdcrypt.tls import describe_tls_error, peer_names
 
 if TYPE_CHECKING:
     from nbdcrypt.device import Device
@@ -78,7 +80,11 @@ class Connection(asyncio.BufferedProtocol):
         self.identity = PeerIdentity("unix")  # set in connection_made; TLS adds to it
         self.export: Export | None = None
         self.transport: asyncio.Transport | None = None
-        self._handshake: hs.ServerHandshake | None = hs.ServerHandshake()
+        self._handshake: hs.ServerHandshake | None = hs.ServerHandshake(
+            tls_required=state.tls_required
+        )
+        self._tls_early: bytearray | None = None  # upgrading: decrypted bytes that came early
+        self._tls_task: asyncio.Task[None] | None = None
         self._parser: RequestParser | None = None
         self._structured = False
         self._handlers: dict[int, Callable[[Command], Coroutine[Any, Any, None]]] = {}
@@ -159,15 +165,22 @@ class Connection(asyncio.BufferedProtocol):
         if parser is not None:
             self._on_events(parser.feed(data))
         elif self._handshake is not None:
+            if self._tls_early is not None:  # the client's first options over TLS, held
+                self._tls_early += data  # until the upgrade is done and its identity known
+                return
             self._handshake.receive_data(data)
             self._drive_handshake()
 
     def eof_received(self) -> bool | None:
         self._disconnecting = True
         self._close_when_idle()
+        if self.identity.tls:
+            return None  # TLS closes the transport after EOF whatever we say
         return True  # keep the write side open until in-flight replies are sent
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._closed.done():  # already called (after a failed TLS handshake)
+            return
         self._disconnecting = True
         if self._timer is not None:
             self._timer.cancel()
@@ -217,6 +230,9 @@ class Connection(asyncio.BufferedProtocol):
             if machine.state is hs.State.CLOSED:
                 self.transport.close()
                 return
+            if machine.state is hs.State.TLS_HANDSHAKE:
+                self._start_tls()
+                return
 
     def _on_option(
         self, machine: hs.ServerHandshake, event: object
@@ -234,7 +250,10 @@ class Connection(asyncio.BufferedProtocol):
         if isinstance(event, hs.ListExports):
             machine.reply_list((e.name, e.description) for e in self.state.exports.values())
         elif isinstance(event, hs.StartTLSRequest):
-            machine.reply_error(Rep.ERR_POLICY, "TLS is not configured on this server")
+            if self.state.tls is None:
+                machine.reply_error(Rep.ERR_POLICY, "TLS is not configured on this server")
+            else:
+                machine.reply_starttls()
         elif isinstance(event, hs.MetaContextRequest):
             if self.state.find_export(event.export) is None:
                 machine.reply_error(Rep.ERR_UNKNOWN, f"unknown export {event.export!r}")
@@ -310,6 +329,58 @@ class Connection(asyncio.BufferedProtocol):
         )
         if started.trailing:
             self.data_received(started.trailing)
+
+    # TLS ------------------------------------------------------------------------------------
+
+    def _start_tls(self) -> None:
+        """STARTTLS was acked (plaintext after it was dropped): stop reading from the socket,
+        whose next bytes are the client's TLS hello, and upgrade the transport."""
+        self._transport.pause_reading()
+        if self._handshake is not None and self._handshake.discarded:
+            log.info(
+                "%s: dropped %d plaintext bytes sent after STARTTLS",
+                self.peer,
+                self._handshake.discarded,
+            )
+        self._tls_early = bytearray()
+        self._tls_task = asyncio.get_running_loop().create_task(self._upgrade(self._transport))
+
+    async def _upgrade(self, raw: asyncio.Transport) -> None:
+        """Run the TLS handshake (within the handshake timeout), take the client's certificate
+        names into the identity, and go on haggling over TLS."""
+        context = self.state.tls
+        assert context is not None
+        loop = asyncio.get_running_loop()
+        try:
+            secure = await loop.start_tls(
+                raw,
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=self.state.limits.handshake_timeout,
+            )
+            if secure is None:
+                raise ConnectionError("the connection closed")
+            tls = secure.get_extra_info("ssl_object")
+            subject, sans = peer_names(tls.getpeercert(binary_form=True))
+        except Exception as exc:  # the client's fault or its network's: one line, then close
+            log.info("%s: TLS handshake failed: %s", self.peer, describe_tls_error(exc))
+            raw.abort()
+            self.connection_lost(None)
+            return
+        self.transport = self._transport = secure
+        secure.set_write_buffer_limits(high=self.state.limits.max_inflight_bytes // 2)
+        self.identity = dataclasses.replace(
+            self.identity, tls=True, tls_subject=subject, tls_sans=sans
+        )
+        log.info("%s: %s established: %s", self.peer, tls.version(), self.identity.describe())
+        machine, early = self._handshake, self._tls_early
+        self._tls_early = None
+        if machine is None or machine.state is not hs.State.TLS_HANDSHAKE or secure.is_closing():
+            return
+        machine.tls_established()
+        if early:
+            self.data_received(bytes(early))
 
     def _handshake_expired(self) -> None:
         self._timer = None
