@@ -25,7 +25,7 @@ from clients import rawnbd as rn
 from conftest import RunningServer, StartServer, require_tool, run
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from tlscerts import SUBJECTS, Pki
+from tlscerts import SUBJECTS, Pki, make_openssl_pki
 
 from nbdcrypt.tls import peer_names
 
@@ -398,6 +398,22 @@ def test_garbage_instead_of_a_client_hello(pki: Pki, start_server: StartServer) 
         assert closed(c) == b""
     assert log_has(server, "TLS handshake failed")
     assert info_json(nbds(server, pki.clients["bob"]))["TLS"] is True
+
+
+def test_certificates_made_with_openssl(tmp_path: Path, start_server: StartServer) -> None:
+    """The openssl commands of docs/TLS.md make a PKI that works as well as certtool's."""
+    require_tool("openssl")
+    (tmp_path / "pki").mkdir()
+    ca, cert, key, alice = make_openssl_pki(tmp_path / "pki")
+    assert key.stat().st_mode & 0o077 == 0  # openssl 3 writes keys private
+    text = (
+        f"server:\n  tls: {{mode: require, certificate: {cert}, private_key: {key}, ca: {ca}}}\n"
+        "devices:\n  d: {memory: 1M}\nexports:\n  disk: {device: d}\n"
+    )
+    server = start_server(text)
+    for unix in (False, True):
+        assert info_json(nbds(server, alice, unix=unix))["TLS"] is True
+    assert log_has(server, "tls(CN=alice,O=tenant A)")
 
 
 # Identity ---------------------------------------------------------------------------------------

@@ -119,3 +119,55 @@ def make_pki(root: Path) -> Pki:
         "nocert": _client_dir(root, "nocert", ca[0], None),
     }
     return Pki(root, ca[0], server[0], server[1], expired, other[0], clients)
+
+
+def openssl(*args: str | Path, cwd: Path) -> None:
+    proc = subprocess.run(
+        ["openssl", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"openssl {args} failed:\n{proc.stderr}")
+
+
+def make_openssl_pki(root: Path) -> tuple[Path, Path, Path, Path]:
+    """The same kind of PKI with openssl, by the commands docs/TLS.md gives: (CA certificate,
+    server certificate, server key, a tls-certificates directory for CN=alice,O=tenant A)."""
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-noenc")
+    openssl(
+        "req", "-x509", *ec, "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", "3650",
+        "-subj", "/O=Example/CN=Example NBD CA",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=root,
+    )  # fmt: skip
+    leaves = [
+        ("server", "/O=Example/CN=localhost", "DNS:localhost, IP:127.0.0.1", "serverAuth"),
+        ("alice", "/O=tenant A/CN=alice", "email:alice@example.com", "clientAuth"),
+    ]
+    for name, subject, sans, usage in leaves:
+        (root / f"{name}.ext").write_text(f"subjectAltName = {sans}\nextendedKeyUsage = {usage}\n")
+        openssl(
+            "req", *ec, "-keyout", f"{name}-key.pem", "-out", f"{name}.csr", "-subj", subject,
+            cwd=root,
+        )  # fmt: skip
+        openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+            "-CAcreateserial", "-days", "825", "-extfile", f"{name}.ext",
+            "-out", f"{name}-cert.pem",
+            cwd=root,
+        )  # fmt: skip
+    alice = root / "alice"
+    alice.mkdir(mode=0o700)
+    for source, target in [
+        ("ca-cert.pem", "ca-cert.pem"),
+        ("alice-cert.pem", "client-cert.pem"),
+        ("alice-key.pem", "client-key.pem"),
+    ]:
+        (alice / target).write_bytes((root / source).read_bytes())
+    (alice / "client-key.pem").chmod(0o600)
+    return root / "ca-cert.pem", root / "server-cert.pem", root / "server-key.pem", alice
