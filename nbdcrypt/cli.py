@@ -1,4 +1,4 @@
-"""The `nbdcrypt` command line: serve, check, ctl."""
+"""The `nbdcrypt` command line: serve, check, ctl, luks."""
 
 from __future__ import annotations
 
@@ -14,11 +14,14 @@ import uvloop
 from nbdcrypt import __version__
 from nbdcrypt.backends.file import BackingFileError
 from nbdcrypt.blkcrypto.profile import CryptoCaps
+from nbdcrypt.clients import describe_rule
 from nbdcrypt.config.loader import ConfigError, load_config
 from nbdcrypt.config.model import (
     ClientCertificate,
     Config,
     FileDeviceConfig,
+    KeyFile,
+    LuksDeviceConfig,
     MemoryDeviceConfig,
     TableDeviceConfig,
     TlsConfig,
@@ -27,6 +30,9 @@ from nbdcrypt.config.model import (
 from nbdcrypt.control.client import add_parser as add_ctl_parser
 from nbdcrypt.control.client import socket_path
 from nbdcrypt.keyring import KeyFileError
+from nbdcrypt.luks import LuksError
+from nbdcrypt.luks.cli import add_parser as add_luks_parser
+from nbdcrypt.luks.cli import check_lines as luks_check_lines
 from nbdcrypt.server import heap
 from nbdcrypt.server.app import Server
 from nbdcrypt.tls import TlsFileError, check_credentials
@@ -78,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(check)
     check.set_defaults(func=_check)
     add_ctl_parser(sub)
+    add_luks_parser(sub)
     return parser
 
 
@@ -97,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nbdcrypt: backing file: {exc}", file=sys.stderr)
         return 1
     except KeyFileError as exc:
+        print(f"nbdcrypt: {exc}", file=sys.stderr)
+        return 1
+    except LuksError as exc:  # a passphrase that opens no keyslot, an image that changed
         print(f"nbdcrypt: {exc}", file=sys.stderr)
         return 1
     except TlsFileError as exc:  # a TLS file changed between loading the config and serving
@@ -195,6 +205,8 @@ def crypto_profile(config: Config, name: str) -> CryptoCaps:
     """A device's inline-crypto profile as the server will build it: its engine's, or for a
     table the intersection below when every target passes crypto (dm passthrough)."""
     device = config.devices[name]
+    if isinstance(device, LuksDeviceConfig):  # a crypt table: does its own encryption
+        return CryptoCaps.none()
     if not isinstance(device, TableDeviceConfig):
         return device.inline_crypto.caps if device.inline_crypto else CryptoCaps.none()
     caps = CryptoCaps.everything()
@@ -268,6 +280,8 @@ def describe(config: Config) -> str:
             lines.append(f"  {name}: file {dev.path}, {_human(dev.size)}{note}")
         elif isinstance(dev, MemoryDeviceConfig):
             lines.append(f"  {name}: memory, {_human(dev.size)}")
+        elif isinstance(dev, LuksDeviceConfig):
+            lines += luks_check_lines(name, dev.header, dev.passphrase_file, dev.keyslot)
         else:
             lines += _describe_table(name, dev, config)
         if profile := _profile_line(config, name):
@@ -275,10 +289,12 @@ def describe(config: Config) -> str:
     if config.keys:
         lines.append("keys:")
         for name, key in config.keys.items():
-            note = "  (created on first start)" if key.create and not key.file.exists() else ""
+            src = key.source
+            new = isinstance(src, KeyFile) and src.create and not src.path.exists()
+            note = "  (created on first start)" if new else ""
             lines.append(
                 f"  {name}: {key.mode.value}, {key.data_unit_size}-byte data units, "
-                f"{key.dun_bytes}-byte DUNs, file {key.file}{note}"
+                f"{key.dun_bytes}-byte DUNs, {src.describe()}{note}"
             )
     lines.append("exports:")
     for name, exp in config.exports.items():
@@ -293,8 +309,19 @@ def describe(config: Config) -> str:
             lines.append(f"    stack: {stack(config, exp.device)}")
         if exp.key is not None:
             lines.append(_key_line(config, exp.device, exp.key))
+        if exp.per_client_key:
+            lines.append("    key: per client (the key of the client's rule):")
+            granted = (r.key for r in config.clients or () if name in r.exports and r.key)
+            for key_id in dict.fromkeys(granted):
+                line = _key_line(config, exp.device, key_id).removeprefix("    key: ")
+                lines.append(f"      {line}")
+        if exp.key is not None or exp.per_client_key:
+            lines.append(f"    evict: {exp.evict.value}")
         if exp.description:
             lines.append(f"    description: {exp.description}")
+    if config.clients is not None:
+        lines.append("clients (first match wins):")
+        lines += [f"  {describe_rule(rule)}" for rule in config.clients]
     return "\n".join(lines)
 
 

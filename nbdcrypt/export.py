@@ -1,8 +1,9 @@
-"""An export: a name clients ask for, the top device of a stack, and how it is offered."""
+"""An export: a name clients ask for, the top device of a stack, and how it is offered;
+and one connection's view of it (its key context and access)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nbdcrypt.blkcrypto.key import CryptoKey
 from nbdcrypt.blkcrypto.submit import CryptSubmitter
@@ -14,8 +15,8 @@ PREFERRED_BLOCK = 4096
 
 @dataclass(frozen=True, slots=True)
 class Export:
-    """`device` is the device exported; `io` is what requests are submitted to: the device
-    itself, or the device seen through the export's key (a CryptSubmitter)."""
+    """`device` is the device exported. Its key is fixed (`key`), none, or the key of the
+    client's rule (`per_client_key`); each connection gets its own view (`open`)."""
 
     name: str
     device: Device
@@ -23,15 +24,48 @@ class Export:
     description: str = ""
     multi_conn: bool = True
     key: CryptoKey | None = None
-    io: Device = field(init=False)
-
-    def __post_init__(self) -> None:
-        io = self.device if self.key is None else CryptSubmitter(self.device, self.key)
-        object.__setattr__(self, "io", io)
+    per_client_key: bool = False  # `encryption: per-client`
+    evict_on_idle: bool = False  # `evict: on-idle`: a key leaves the engines with its last user
 
     @property
     def size(self) -> int:
         return self.device.size
+
+    def open(self, key: CryptoKey | None, *, readonly: bool, rule: int | None = None) -> OpenExport:
+        """The view of this export a connection gets: requests through `key`, if any (a
+        CryptSubmitter made here, one per connection: cheap, and only at NBD_OPT_INFO/GO)."""
+        io = self.device if key is None else CryptSubmitter(self.device, key)
+        return OpenExport(self, key, readonly or self.readonly, io, rule)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenExport:
+    """One connection's export: the key its requests carry (its key context: the DUN is the
+    export offset / the key's data unit size), whether it may write, and `io`, the device its
+    requests are submitted to (the export's device, or that device seen through the key)."""
+
+    export: Export
+    key: CryptoKey | None
+    readonly: bool
+    io: Device
+    rule: int | None = None  # the index of the client rule that granted it, if any
+
+    @property
+    def name(self) -> str:
+        return self.export.name
+
+    @property
+    def size(self) -> int:
+        return self.export.device.size
+
+    @property
+    def key_id(self) -> str | None:
+        return self.key.key_id if self.key is not None else None
+
+    @property
+    def sparse_reads(self) -> bool:
+        """Whether holes below read as zeroes here, so reads may report them: not through a key."""
+        return self.key is None and self.export.device.caps.can_extents
 
     @property
     def block_sizes(self) -> tuple[int, int, int]:
@@ -40,7 +74,7 @@ class Export:
         return minimum, max(minimum, PREFERRED_BLOCK), MAX_PAYLOAD
 
     def transmission_flags(self, *, structured: bool) -> int:
-        """Exactly what this export can do, as NBD transmission flags."""
+        """Exactly what this connection can do with the export, as NBD transmission flags."""
         caps = self.io.caps
         tf = TransmissionFlag
         flags = tf.HAS_FLAGS | tf.SEND_FLUSH | tf.SEND_FUA
@@ -58,6 +92,6 @@ class Export:
             flags |= tf.ROTATIONAL
         if structured:
             flags |= tf.SEND_DF
-        if self.multi_conn and caps.can_multi_conn:
+        if self.export.multi_conn and caps.can_multi_conn:
             flags |= tf.CAN_MULTI_CONN
         return int(flags)

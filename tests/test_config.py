@@ -335,7 +335,7 @@ ERRORS = [
     (
         "unknown-top",
         SERVER + DEVICES + EXPORTS + "colour: blue\n",
-        "9: colour: unknown key (allowed: server, keys, devices, exports)",
+        "9: colour: unknown key (allowed: server, keys, devices, exports, clients)",
     ),
     (
         "key-unknown-mode",
@@ -354,9 +354,9 @@ ERRORS = [
         "7: exports.a.key: unknown key 'nope' (keys: none)",
     ),
     (
-        "planned-clients",
+        "clients-empty",
         SERVER + DEVICES + EXPORTS + "clients: []\n",
-        "9: clients: not supported yet (planned)",
+        "9: clients: expected at least one rule (leave clients out to let anyone open any export)",
     ),
     (
         "duplicate-top",
@@ -669,12 +669,13 @@ ERRORS = [
         "export-unknown-key",
         SERVER + DEVICES + "exports:\n  a: {device: mem, readOnly: true}\n",
         "7: exports.a.readOnly: unknown key (allowed: device, readonly, description, "
-        "multi_conn, default, key)",
+        "multi_conn, default, key, encryption, evict)",
     ),
     (
         "export-encryption",
         SERVER + DEVICES + "exports:\n  a: {device: mem, encryption: per-connection}\n",
-        "7: exports.a.encryption: not supported yet (planned)",
+        "7: exports.a.encryption: expected per-client, got 'per-connection' (a fixed key is "
+        "'key: NAME'; for no key leave both out)",
     ),
     (
         "readonly-yes",

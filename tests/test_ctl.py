@@ -353,7 +353,8 @@ def test_protocol_errors_keep_the_connection(ctl: Ctl) -> None:
         "malformed request: expected a JSON object, got a list",
         "malformed request: missing 'command'",
         "malformed request: 'command' must be a string, not a number",
-        "unknown command 'frob' (known: clear, info, load, ls, resume, status, suspend, table)",
+        "unknown command 'frob' (known: clear, evict-key, info, load, ls, resume, status, "
+        "suspend, table)",
         "load: missing argument 'table'",
         "ls: unexpected argument 'device'",
         "status: 'device' must be a string, not a number",

@@ -56,6 +56,12 @@ class InlineCryptoDevice(Device):
         else:
             self._raw_ciphers.pop(key, None)
 
+    def holds_key(self, key: CryptoKey) -> bool:
+        """Whether `key` is programmed into a keyslot (or cached, without keyslots)."""
+        if self.keyslots is not None:
+            return self.keyslots.slot_of(key) is not None
+        return key in self._raw_ciphers
+
     def reprogram_all(self) -> None:
         """Program every slot again (after an engine reset); nothing to do without slots."""
         if self.keyslots is not None:

@@ -13,7 +13,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -23,20 +23,34 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from nbdcrypt.blkcrypto.key import DATA_UNIT_SIZES, CryptoMode, parse_mode
 from nbdcrypt.blkcrypto.profile import CryptoCaps
+from nbdcrypt.clients import canonical_san
 from nbdcrypt.dm.table import TableError, TableLine, check_lines, parse_line, table_size
+from nbdcrypt.luks import LuksError
+from nbdcrypt.luks.header import LuksHeader, read_header
+from nbdcrypt.luks.mapping import keyring_mode
+from nbdcrypt.luks.unlock import passphrase_file_problem
 from nbdcrypt.tls import TlsFileError, check_credentials
 
 from .model import (
     SECTOR,
     ClientCertificate,
+    ClientMatch,
+    ClientRule,
     Config,
     DeviceConfig,
+    Evict,
     ExportConfig,
     FileDeviceConfig,
     InlineCryptoConfig,
     KeyConfig,
+    KeyCredential,
+    KeyEnv,
+    KeyFile,
+    KeyLuks,
+    KeySource,
     Limits,
     ListenAddress,
+    LuksDeviceConfig,
     MemoryDeviceConfig,
     ServerConfig,
     TableDeviceConfig,
@@ -59,11 +73,31 @@ _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _PLANNED = "not supported yet (planned)"
 _CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
-_EXPORT_KEYS = ("device", "readonly", "description", "multi_conn", "default", "key")
-_DEVICE_KEYS = ("file", "size", "memory", "table", "allow_overlap", "inline_crypto")
+_EXPORT_KEYS = (
+    "device",
+    "readonly",
+    "description",
+    "multi_conn",
+    "default",
+    "key",
+    "encryption",
+    "evict",
+)
+_DEVICE_KEYS = ("file", "size", "memory", "table", "luks", "allow_overlap", "inline_crypto")
+_LUKS_KEYS = ("file", "passphrase_file", "keyslot")
 _KEY_KEYS = ("mode", "data_unit_size", "dun_bytes", "source")
+_KEY_SOURCES = ("file", "create", "env", "credential")
+_RULE_KEYS = ("match", "exports", "key")
+_MATCH_KEYS = ("tls_subject", "tls_san", "address", "unix_uid", "unix_gid")
+_ACCESS = {"rw": False, "ro": True}  # -> read-only
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _TLS_KEYS = ("mode", "certificate", "private_key", "ca", "client_certificate")
-_KINDS = {"file": "a file", "memory": "a memory device", "table": "a table"}
+_KINDS = {
+    "file": "a file",
+    "memory": "a memory device",
+    "table": "a table",
+    "luks": "a LUKS device",
+}
 _LINE_PREFIX = re.compile(r"line ([0-9]+): ")
 _BREAKS = re.compile("\r\n|[\n\r\x85\u2028\u2029]")  # what PyYAML counts as a new line
 
@@ -617,19 +651,32 @@ def _key(name: str, item: _Item) -> KeyConfig:
     mode = _mode(fields.require("mode"))
     unit = _data_unit_size(fields.require("data_unit_size"))
     dun_bytes = fields.opt("dun_bytes", _dun_bytes, 8)
-    source = fields.require("source").fields(("file", "create"), planned=("env", "credential"))
-    where = source.require("file")
+    return KeyConfig(name, mode, unit, dun_bytes, _key_source(fields.require("source")))
+
+
+def _key_source(item: _Item) -> KeySource:
+    """`{file: PATH, create: BOOL}`, `{env: VAR}` or `{credential: NAME}`."""
+    fields = item.fields(_KEY_SOURCES)
+    kinds = [kind for kind in ("file", "env", "credential") if kind in fields]
+    if not kinds:
+        item.fail_whole("missing the source: 'file: PATH', 'env: VARIABLE' or 'credential: NAME'")
+    if len(kinds) > 1:
+        fields.key(kinds[1]).fail(f"a key has one source; this one is already {kinds[0]}")
+    if "create" in fields and kinds[0] != "file":
+        fields.key("create").fail("only for key files (it makes a missing file)")
+    where = fields.require(kinds[0])
     text = where.string()
+    if kinds[0] == "env":
+        if not _ENV_NAME.match(text):
+            where.fail(f"invalid environment variable name {_short(text)}")
+        return KeyEnv(text)
+    if kinds[0] == "credential":
+        if not text or "/" in text or "\0" in text or text in (".", ".."):
+            where.fail(f"invalid credential name {_short(text)} (a file name, no '/')")
+        return KeyCredential(text)
     if not text or "\0" in text:
         where.fail("expected a file path")
-    return KeyConfig(
-        name,
-        mode,
-        unit,
-        dun_bytes,
-        where.src.base / text,
-        source.opt("create", _Item.boolean, False),
-    )
+    return KeyFile(where.src.base / text, fields.opt("create", _Item.boolean, False))
 
 
 def _keys(item: _Item | None) -> dict[str, KeyConfig]:
@@ -891,11 +938,12 @@ def _resolve_tables(devices: dict[str, DeviceConfig | _Table]) -> dict[str, Devi
 
 
 def _device(name: str, item: _Item) -> DeviceConfig | _Table:
-    fields = item.fields(_DEVICE_KEYS, planned=("luks",))
+    fields = item.fields(_DEVICE_KEYS)
     kinds = [kind for kind in _KINDS if kind in fields]
     if not kinds:
         item.fail_whole(
-            "missing the device kind: 'file: PATH', 'memory: SIZE' or 'table: [LINE, ...]'"
+            "missing the device kind: 'file: PATH', 'memory: SIZE', 'table: [LINE, ...]' or "
+            "'luks: {file: PATH, passphrase_file: PATH}'"
         )
     if len(kinds) > 1:
         first = fields.key(kinds[0]).line
@@ -908,6 +956,8 @@ def _device(name: str, item: _Item) -> DeviceConfig | _Table:
         fields.key("inline_crypto").fail(
             "a table device passes through what the devices below it can do (set it there)"
         )
+    if kinds[0] == "luks":
+        return _luks_device(name, fields)
     if kinds[0] == "file":
         return _file_device(name, fields)
     if "size" in fields:
@@ -922,7 +972,71 @@ def _device(name: str, item: _Item) -> DeviceConfig | _Table:
     return MemoryDeviceConfig(name, fields.require("memory").size(), _engine(fields))
 
 
-def _devices(item: _Item) -> dict[str, DeviceConfig]:
+def _luks_path(item: _Item) -> Path:
+    text = item.string()
+    if not text or "\0" in text:
+        item.fail("expected a file path" + (" without NUL characters" if text else ""))
+    return item.src.base / text
+
+
+def _passphrase_file(path: Path) -> Path:
+    """A passphrase file that exists and is private (read again, and checked, at open)."""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise ValueError(f"cannot use {path}: {e.strerror}") from None
+    problem = passphrase_file_problem(st)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    return path
+
+
+def _luks_keyslot(item: _Item, header: LuksHeader) -> int:
+    number = item.integer()
+    openers = ", ".join(
+        str(k.number) for k in header.keyslots if k.number in header.digest.keyslots
+    )
+    if header.keyslot(number) is None:
+        item.fail(f"keyslot {number} is not active in {header.path} (active: {openers})")
+    if number not in header.digest.keyslots:
+        item.fail(f"keyslot {number} of {header.path} does not open the data segment")
+    return number
+
+
+def _luks_device(name: str, fields: _Fields) -> LuksDeviceConfig:
+    """`luks: {file: PATH, passphrase_file: PATH, keyslot: N}`: the header is read and checked
+    here, so that a file that is not LUKS, or not supported, is an error with a line."""
+    for other in ("size", "inline_crypto"):
+        if other in fields:
+            fields.key(other).fail(
+                "not for luks devices (its size is the payload's, and it does its own encryption)"
+            )
+    luks = fields.require("luks").fields(_LUKS_KEYS)
+    file_item = luks.require("file")
+    try:
+        header = read_header(_luks_path(file_item))
+    except LuksError as e:
+        file_item.fail(str(e))
+    passphrase = luks.require("passphrase_file")
+    passphrase_file = passphrase.convert(_passphrase_file, _luks_path(passphrase))
+    keyslot = luks.opt("keyslot", lambda item: _luks_keyslot(item, header), None)
+    return LuksDeviceConfig(name, header, passphrase_file, keyslot, header.payload_size)
+
+
+def _luks_keys(devices: Mapping[str, DeviceConfig]) -> dict[str, KeyConfig]:
+    """The volume keys of luks devices that have a blk-crypto mode, as keys of the keyring."""
+    keys = {}
+    for name, device in devices.items():
+        if not isinstance(device, LuksDeviceConfig):
+            continue
+        segment = device.header.segment
+        mode = keyring_mode(segment.cipher, device.header.key_size)
+        if mode is not None:
+            keys[name] = KeyConfig(name, mode, segment.sector_size, 8, KeyLuks(name))
+    return keys
+
+
+def _devices(item: _Item, keys: Mapping[str, KeyConfig]) -> dict[str, DeviceConfig]:
     devices: dict[str, DeviceConfig | _Table] = {}
     for name, key, value in item.pairs():
         if not _DEVICE_NAME.match(name):
@@ -930,6 +1044,11 @@ def _devices(item: _Item) -> dict[str, DeviceConfig]:
                 "invalid device name (letters, digits, '_', '.' and '-'; first a letter or digit)"
             )
         devices[name] = _device(name, value)
+        if isinstance(devices[name], LuksDeviceConfig) and name in keys:
+            key.fail(
+                f"keys.{name} exists too: a luks device's volume key joins the keyring under "
+                "the device's name (rename one of them)"
+            )
     if not devices:
         item.fail("expected at least one device")
     return _resolve_tables(devices)
@@ -951,7 +1070,11 @@ def _text(what: str) -> Callable[[str], str]:
 
 
 def _export(
-    name: str, fields: _Fields, devices: dict[str, DeviceConfig], keys: dict[str, KeyConfig]
+    name: str,
+    fields: _Fields,
+    devices: dict[str, DeviceConfig],
+    keys: dict[str, KeyConfig],
+    has_clients: bool,
 ) -> ExportConfig:
     device = fields.require("device")
     key = fields.get("key")
@@ -960,6 +1083,12 @@ def _export(
     if device.string() not in devices:
         known = ", ".join(devices) or "none"
         device.fail(f"unknown device {_short(device.string())} (known: {known})")
+    if key is not None:
+        misfit = _key_misfit(keys[key.string()], devices[device.string()].size)
+        if misfit:
+            key.fail(misfit)
+    per_client = _encryption(fields, has_clients)
+    evict = _evict(fields, keyed=key is not None or per_client)
     describe = _text("description")
     return ExportConfig(
         name=name,
@@ -969,11 +1098,66 @@ def _export(
         multi_conn=fields.opt("multi_conn", _Item.boolean, True),
         default=fields.opt("default", _Item.boolean, False),
         key=key.string() if key is not None else None,
+        per_client_key=per_client,
+        evict=evict,
     )
 
 
+def _encryption(fields: _Fields, has_clients: bool) -> bool:
+    """`encryption: per-client`: True; the export then has no `key:` of its own."""
+    item = fields.get("encryption")
+    if item is None:
+        return False
+    text = item.string()
+    if text != "per-client":
+        item.fail(
+            f"expected per-client, got {_short(text)} (a fixed key is 'key: NAME'; "
+            f"for no key leave both out)"
+        )
+    if "key" in fields:
+        fields.key("key").fail(
+            "an export has a fixed key or takes the client's (encryption: per-client), not both"
+        )
+    if not has_clients:
+        item.fail("per-client keys come from client rules: add a clients: section")
+    return True
+
+
+def _evict(fields: _Fields, *, keyed: bool) -> Evict:
+    item = fields.get("evict")
+    if item is None:
+        return Evict.NEVER
+    text = item.string()
+    try:
+        evict = Evict(text)
+    except ValueError:
+        item.fail(f"expected on-idle or never, got {_short(text)}")
+    if not keyed:
+        fields.key("evict").fail(
+            "the export has no key to evict (key: NAME or encryption: per-client)"
+        )
+    return evict
+
+
+def _key_misfit(key: KeyConfig, size: int) -> str | None:
+    """Why `key` cannot cover a device of `size` bytes, or None: whole data units, and a DUN
+    for each within the key's dun_bytes."""
+    unit = key.data_unit_size
+    if size % unit:
+        return (
+            f"key {key.name} has {unit}-byte data units; the device's {size} bytes are not a "
+            f"whole number of them"
+        )
+    if size // unit > 1 << (8 * key.dun_bytes):
+        return (
+            f"key {key.name} has {key.dun_bytes}-byte DUNs, enough for {1 << (8 * key.dun_bytes)}"
+            f" data units; the device has {size // unit}"
+        )
+    return None
+
+
 def _exports(
-    item: _Item, devices: dict[str, DeviceConfig], keys: dict[str, KeyConfig]
+    item: _Item, devices: dict[str, DeviceConfig], keys: dict[str, KeyConfig], has_clients: bool
 ) -> dict[str, ExportConfig]:
     exports: dict[str, ExportConfig] = {}
     default: tuple[str, int] | None = None
@@ -981,8 +1165,8 @@ def _exports(
         if not name:
             key.fail("an export name must not be empty (use default: true for the empty name)")
         key.convert(_text("export name"), name)
-        fields = value.fields(_EXPORT_KEYS, planned=("encryption",))
-        export = exports[name] = _export(name, fields, devices, keys)
+        fields = value.fields(_EXPORT_KEYS)
+        export = exports[name] = _export(name, fields, devices, keys, has_clients)
         if export.default and default:
             again = f"more than one default export (also {_short(default[0])}, line {default[1]})"
             fields.require("default").fail(again)
@@ -993,16 +1177,151 @@ def _exports(
     return exports
 
 
+# --- clients ---------------------------------------------------------------------------------
+
+
+def _clients(
+    item: _Item | None,
+    exports: dict[str, ExportConfig],
+    keys: dict[str, KeyConfig],
+    devices: dict[str, DeviceConfig],
+) -> tuple[ClientRule, ...] | None:
+    """`clients:`, a list of rules, first match wins; None when the section is left out."""
+    if item is None:
+        return None
+    if not isinstance(item.node, SequenceNode):
+        item.expect("a list of client rules")
+    rules = tuple(_rule(i, entry, exports, keys, devices) for i, entry in enumerate(item.items()))
+    if not rules:
+        item.fail("expected at least one rule (leave clients out to let anyone open any export)")
+    return rules
+
+
+def _rule(
+    index: int,
+    item: _Item,
+    exports: dict[str, ExportConfig],
+    keys: dict[str, KeyConfig],
+    devices: dict[str, DeviceConfig],
+) -> ClientRule:
+    fields = item.fields(_RULE_KEYS)
+    match = _match(fields.require("match"))
+    grants = _grants(fields.require("exports"), exports)
+    key = fields.get("key")
+    if key is not None and key.string() not in keys:
+        key.fail(f"unknown key {_short(key.string())} (keys: {', '.join(keys) or 'none'})")
+    per_client = [name for name in grants if exports[name].per_client_key]
+    if key is None:
+        for name in per_client:
+            grants[name][1].fail(
+                f"export {_short(name)} takes its key from the client's rule "
+                f"(encryption: per-client), and this rule has no key"
+            )
+    elif not per_client:
+        key.fail(
+            "none of this rule's exports takes its key from the rule (encryption: per-client); "
+            "an export's fixed key is its own key: NAME"
+        )
+    else:
+        for name in per_client:
+            misfit = _key_misfit(keys[key.string()], devices[exports[name].device].size)
+            if misfit:
+                key.fail(f"{misfit} (export {_short(name)})")
+    return ClientRule(
+        index,
+        match,
+        {name: readonly for name, (readonly, _) in grants.items()},
+        key.string() if key is not None else None,
+    )
+
+
+def _match(item: _Item) -> ClientMatch:
+    """`anonymous`, or a mapping whose criteria must all hold."""
+    node = item.node
+    what = f"anonymous, or a mapping of what to match ({', '.join(_MATCH_KEYS)})"
+    if isinstance(node, ScalarNode) and node.tag == _TAG + "str":
+        if node.value != "anonymous":
+            item.fail(f"expected {what}, got {_short(node.value)}")
+        return ClientMatch(anonymous=True)
+    if not isinstance(node, MappingNode):
+        item.expect(what)
+    fields = item.fields(_MATCH_KEYS)
+    if not node.value:
+        item.fail(f"expected at least one of {', '.join(_MATCH_KEYS)} (or match: anonymous)")
+    address = fields.opt("address", _network, None)
+    unix = next((name for name in ("unix_uid", "unix_gid") if name in fields), None)
+    if address is not None and unix is not None:
+        fields.key(unix).fail(
+            "address matches TCP clients and unix_uid/unix_gid unix socket clients: no client "
+            "has both (write two rules)"
+        )
+    return ClientMatch(
+        tls_subject=fields.opt("tls_subject", _subject, None),
+        tls_san=fields.opt("tls_san", _san, None),
+        address=address,
+        unix_uid=fields.opt("unix_uid", _unix_id, None),
+        unix_gid=fields.opt("unix_gid", _unix_id, None),
+    )
+
+
+def _subject(item: _Item) -> str:
+    text = item.convert(_text("a certificate subject"), item.string())
+    if not text.strip() or "=" not in text:
+        item.fail(f'expected a subject such as "CN=alice,O=Example", got {_short(text)}')
+    return text
+
+
+def _san(item: _Item) -> str:
+    """TYPE:VALUE, kept in the canonical form matching compares (nbdcrypt.clients)."""
+    return item.convert(canonical_san, item.convert(_text("a subjectAltName"), item.string()))
+
+
+def _network(item: _Item) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    text = item.string()
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as e:
+        item.fail(f"expected an IP address or network such as 10.0.0.0/8 or ::1: {e}")
+
+
+def _unix_id(item: _Item) -> int:
+    value = item.integer()
+    if not 0 <= value < 0xFFFFFFFF:
+        item.fail(f"expected a uid or gid from 0 to {0xFFFFFFFF - 1}, got {value}")
+    return value
+
+
+def _grants(item: _Item, exports: dict[str, ExportConfig]) -> dict[str, tuple[bool, _Item]]:
+    """`exports: {NAME: rw | ro, ...}` -> name -> (read-only, the value's item)."""
+    if not isinstance(item.node, MappingNode):
+        item.expect("a mapping of export names to rw or ro, such as {vault: rw, demo: ro}")
+    grants: dict[str, tuple[bool, _Item]] = {}
+    for name, key, value in item.pairs():
+        if name not in exports:
+            key.fail(f"unknown export {_short(name)} (exports: {', '.join(exports)})")
+        text = value.scalar((_TAG + "str",), "rw or ro")
+        if text not in _ACCESS:
+            value.fail(f"expected rw (read-write) or ro (read-only), got {_short(text)}")
+        if exports[name].readonly and not _ACCESS[text]:
+            value.fail(f"export {_short(name)} is readonly: grant it ro")
+        grants[name] = (_ACCESS[text], value)
+    if not grants:
+        item.fail("expected at least one export")
+    return grants
+
+
 def load_config(path: Path, *, listen_override: Sequence[str] = ()) -> Config:
     """Read and check the configuration at path; `listen_override` replaces server.listen."""
     override = _listen_overrides(listen_override)
     source = path.absolute()
     src = _Source(str(path), source.parent)
     top = _compose(src, _read(src, path)).fields(
-        ("server", "keys", "devices", "exports"), planned=("clients",)
+        ("server", "keys", "devices", "exports", "clients")
     )
     server = _server(top, override)
     keys = _keys(top.get("keys"))
-    devices = _devices(top.require("devices"))
-    exports = _exports(top.require("exports"), devices, keys)
-    return Config(source, server, devices, exports, keys)
+    devices = _devices(top.require("devices"), keys)
+    keys = {**keys, **_luks_keys(devices)}
+    exports = _exports(top.require("exports"), devices, keys, "clients" in top)
+    clients = _clients(top.get("clients"), exports, keys, devices)
+    return Config(source, server, devices, exports, keys, clients)

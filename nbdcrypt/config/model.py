@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
 from nbdcrypt.blkcrypto.key import CryptoMode
 from nbdcrypt.blkcrypto.profile import CryptoCaps
 from nbdcrypt.dm.table import TableLine
+from nbdcrypt.luks.header import LuksHeader
 
 SECTOR = 512
 MAX_PAYLOAD = 32 * 1024 * 1024
@@ -89,6 +91,50 @@ class InlineCryptoConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyFile:
+    """`source: {file: PATH}`: raw bytes or hex; refused if group- or world-accessible."""
+
+    path: Path
+    create: bool = False  # make a random key file (mode 0600) if it is missing
+
+    def describe(self) -> str:
+        return f"file {self.path}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEnv:
+    """`source: {env: VAR}`: hex in an environment variable, removed once read."""
+
+    variable: str
+
+    def describe(self) -> str:
+        return f"environment variable {self.variable}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyCredential:
+    """`source: {credential: NAME}`: a systemd credential, $CREDENTIALS_DIRECTORY/NAME."""
+
+    name: str
+
+    def describe(self) -> str:
+        return f"systemd credential {self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLuks:
+    """The volume key of a `luks` device, in the keyring under the device's name."""
+
+    device: str
+
+    def describe(self) -> str:
+        return f"volume key of luks device {self.device}"
+
+
+KeySource = KeyFile | KeyEnv | KeyCredential | KeyLuks
+
+
+@dataclass(frozen=True, slots=True)
 class KeyConfig:
     """A key of the keyring: what it is for and where its bytes come from (never the bytes)."""
 
@@ -96,8 +142,7 @@ class KeyConfig:
     mode: CryptoMode
     data_unit_size: int
     dun_bytes: int
-    file: Path  # raw bytes or hex; refused if group- or world-accessible
-    create: bool = False  # make a random key file (mode 0600) if it is missing
+    source: KeySource
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +175,29 @@ class TableDeviceConfig:
     allow_overlap: bool = False  # its lines may map regions another table maps too
 
 
-DeviceConfig = FileDeviceConfig | MemoryDeviceConfig | TableDeviceConfig
+@dataclass(frozen=True, slots=True)
+class LuksDeviceConfig:
+    """A LUKS1/LUKS2 image whose payload is served decrypted, as `cryptsetup open` maps it."""
+
+    name: str
+    header: LuksHeader  # read and checked at load time; header.path is the image
+    passphrase_file: Path  # used whole, as cryptsetup --key-file; must be private (0600)
+    keyslot: int | None  # the keyslot to try, or None: every one that opens the data
+    size: int  # bytes of the payload
+
+    @property
+    def path(self) -> Path:
+        return self.header.path
+
+
+DeviceConfig = FileDeviceConfig | MemoryDeviceConfig | TableDeviceConfig | LuksDeviceConfig
+
+
+class Evict(Enum):
+    """When an export's keys leave the inline engines below it (`evict:`)."""
+
+    NEVER = "never"  # they stay programmed until the keyslot LRU or `ctl evict-key` drops them
+    ON_IDLE = "on-idle"  # when the last connection using the key on this export closes
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +209,30 @@ class ExportConfig:
     multi_conn: bool = True  # advertised only if the device can honour it
     default: bool = False  # served for the empty export name
     key: str | None = None  # a key of Config.keys every connection's requests carry
+    per_client_key: bool = False  # `encryption: per-client`: the key of the client's rule
+    evict: Evict = Evict.NEVER  # when the engines below drop its keys
+
+
+@dataclass(frozen=True, slots=True)
+class ClientMatch:
+    """Who a client rule is for: every criterion given must hold; `anonymous` is anyone."""
+
+    anonymous: bool = False
+    tls_subject: str | None = None  # the verified certificate's subject (RFC 4514), exactly
+    tls_san: str | None = None  # one of its subjectAltNames: "DNS:x", "IP:x", "email:x", "URI:x"
+    address: IPv4Network | IPv6Network | None = None  # the TCP peer's address is in this network
+    unix_uid: int | None = None  # the unix socket peer's uid (SO_PEERCRED)
+    unix_gid: int | None = None  # the unix socket peer's primary gid (SO_PEERCRED)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRule:
+    """One entry of `clients:`: who, which exports (name -> read-only?), with which key."""
+
+    index: int  # its position in the list, from 0 (clients[N] in messages and logs)
+    match: ClientMatch
+    exports: dict[str, bool]  # export name -> granted read-only
+    key: str | None = None  # the key ID of its requests on exports with `encryption: per-client`
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +242,7 @@ class Config:
     devices: dict[str, DeviceConfig]  # every device after the devices its table names
     exports: dict[str, ExportConfig]
     keys: dict[str, KeyConfig] = field(default_factory=dict)
+    clients: tuple[ClientRule, ...] | None = None  # None: no `clients:`, anyone opens anything
 
     @property
     def default_export(self) -> ExportConfig | None:

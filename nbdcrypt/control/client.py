@@ -75,7 +75,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     """Add `ctl` and its commands to the `nbdcrypt` command line."""
     ctl = sub.add_parser(
         "ctl",
-        help="control a running server: ls, status, table, info, load, suspend, resume, clear",
+        help="control a running server: ls, status, table, info, load, suspend, resume, clear, "
+        "evict-key",
         description="Control a running server over its control socket, as dmsetup controls "
         "device-mapper: look at devices and tables, load a new table, suspend, resume.",
     )
@@ -115,6 +116,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         ("clear", "drop the inactive table of DEV"),
     ):
         cmds.add_parser(name, help=what).add_argument("device", metavar="DEV")
+    evict = cmds.add_parser(
+        "evict-key",
+        help="evict key ID from every inline engine (fails with EBUSY while it is in use)",
+    )
+    evict.add_argument("key", metavar="ID", help="the key's name in the config's keys:")
     ctl.set_defaults(func=run, ctl_parser=ctl, load_parser=load)
 
 
@@ -148,6 +154,8 @@ def _request(args: argparse.Namespace) -> ControlRequest:
     device: str | None = getattr(args, "device", None)
     if command == "table":
         return ControlRequest(command, device, inactive=args.inactive)
+    if command == "evict-key":
+        return ControlRequest(command, key=args.key)
     if command != "load":
         return ControlRequest(command, device)
     parser: argparse.ArgumentParser = args.load_parser

@@ -22,11 +22,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from nbdcrypt.backends.file import FileDevice
 from nbdcrypt.backends.memory import MemoryDevice
 from nbdcrypt.blkcrypto.engine import InlineCryptoDevice
+from nbdcrypt.blkcrypto.key import CryptoKey
 from nbdcrypt.control.protocol import ControlRequest
 from nbdcrypt.device import Device
 from nbdcrypt.dm.device import MappedDevice
 from nbdcrypt.dm.table import Table, TableError, TableLine, parse_table, table_size
 from nbdcrypt.dm.target import SECTOR, DeviceRef
+from nbdcrypt.keyuse import KeyUsers, evict_everywhere
 
 log = logging.getLogger("nbdcrypt.control")
 
@@ -77,8 +79,15 @@ def _sectors(size: int) -> str:
 class Controller:
     """Carries out control requests on `devices` (the server's own dict, by name)."""
 
-    def __init__(self, devices: Mapping[str, Device]) -> None:
+    def __init__(
+        self,
+        devices: Mapping[str, Device],
+        keys: Mapping[str, CryptoKey] | None = None,
+        key_users: KeyUsers | None = None,
+    ) -> None:
         self.devices = devices
+        self.keys = keys if keys is not None else {}  # the keyring, by key ID
+        self.key_users = key_users if key_users is not None else KeyUsers()
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def execute(self, req: ControlRequest) -> str:
@@ -90,6 +99,9 @@ class Controller:
             return self._each_mapped(req.device, lambda d: _table_lines(d, req.inactive))
         if req.command == "info":
             return self.info(req.device)
+        if req.command == "evict-key":
+            assert req.key is not None  # the protocol requires it
+            return await self.evict_key(req.key)
         assert req.device is not None  # the protocol requires it for the rest
         if req.command == "load":
             assert req.table is not None
@@ -202,6 +214,26 @@ class Controller:
                 f"drops the inactive table)"
             )
         self._check_holders(name, size, f"resume {name}", f"; {name} {stays}")
+
+    async def evict_key(self, key_id: str) -> str:
+        """Evict a key from every inline engine; EBUSY (nothing evicted) while it is in use."""
+        key = self.keys.get(key_id)
+        if key is None:
+            known = ", ".join(self.keys) or "none"
+            raise ControlError(f"evict-key: unknown key {key_id[:100]!r} (keys: {known})")
+        try:
+            held = await evict_everywhere(key, list(self.devices.values()), self.key_users)
+        except OSError as exc:
+            raise ControlError(
+                f"evict-key {key_id}: {exc.strerror} (EBUSY); nothing evicted"
+            ) from None
+        users = self.key_users.connections(key)
+        again = f"; {users} connection(s) using it program it again at their next request"
+        tail = again if users else ""
+        if not held:
+            return f"{key_id}: not programmed in any inline engine{tail}"
+        log.info("evicted key %s from %s", key_id, ", ".join(held))
+        return f"{key_id}: evicted from {', '.join(held)}{tail}"
 
     def clear(self, name: str) -> str:
         self.mapped(name).clear()

@@ -39,6 +39,7 @@ COMMANDS: dict[str, CommandSpec] = {
     "suspend": CommandSpec(required=("device",)),
     "resume": CommandSpec(required=("device",)),
     "clear": CommandSpec(required=("device",)),
+    "evict-key": CommandSpec(required=("key",)),
 }
 
 
@@ -48,6 +49,7 @@ class ControlRequest:
     device: str | None = None
     table: tuple[str, ...] | None = None  # load: the table lines as written (blank, # comments)
     inactive: bool = False  # table: show the inactive table instead of the live one
+    key: str | None = None  # evict-key: the key ID (the keyring's name, never key bytes)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"command": self.command}
@@ -57,6 +59,8 @@ class ControlRequest:
             out["table"] = list(self.table)
         if self.inactive:
             out["inactive"] = True
+        if self.key is not None:
+            out["key"] = self.key
         return out
 
 
@@ -98,7 +102,11 @@ def parse_request(line: bytes) -> ControlRequest:
     inactive = obj.get("inactive", False)
     if not isinstance(inactive, bool):
         raise ProtocolError(f"{command}: 'inactive' must be true or false")
-    return ControlRequest(command, device, tuple(table) if table is not None else None, inactive)
+    key = obj.get("key")
+    if key is not None and not isinstance(key, str):
+        raise ProtocolError(f"{command}: 'key' must be a string (a key ID), not {_json_type(key)}")
+    lines = tuple(table) if table is not None else None
+    return ControlRequest(command, device, lines, inactive, key)
 
 
 def _json_type(value: object) -> str:

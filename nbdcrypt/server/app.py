@@ -19,12 +19,17 @@ from nbdcrypt.backends.file import FileDevice
 from nbdcrypt.backends.memory import MemoryDevice
 from nbdcrypt.blkcrypto.engine import InlineCryptoDevice
 from nbdcrypt.blkcrypto.key import CryptoKey
+from nbdcrypt.clients import ExportAccess
 from nbdcrypt.config.model import (
+    ClientRule,
     Config,
     DeviceConfig,
+    Evict,
     FileDeviceConfig,
+    KeyLuks,
     Limits,
     ListenAddress,
+    LuksDeviceConfig,
     MemoryDeviceConfig,
     TableDeviceConfig,
     TlsConfig,
@@ -36,7 +41,9 @@ from nbdcrypt.device import Device
 from nbdcrypt.dm.device import MappedDevice
 from nbdcrypt.dm.table import Table
 from nbdcrypt.export import Export
-from nbdcrypt.keyring import load_key
+from nbdcrypt.keyring import load_key, wipe_keys
+from nbdcrypt.keyuse import KeyUsers
+from nbdcrypt.luks.device import LuksDevice, open_luks
 from nbdcrypt.server.connection import Connection
 from nbdcrypt.tls import server_context
 
@@ -54,6 +61,13 @@ class ServerState:
     serial: int = 0  # connections accepted so far, to tell unix-socket peers apart in logs
     tls: ssl.SSLContext | None = None  # NBD_OPT_STARTTLS upgrades with it; None: TLS is off
     tls_required: bool = False  # no option but STARTTLS and ABORT before TLS
+    rules: tuple[ClientRule, ...] | None = None  # `clients:`; None: anyone opens any export
+    keys: dict[str, CryptoKey] = field(default_factory=dict)  # the keyring, by key ID
+    key_users: KeyUsers = field(default_factory=KeyUsers)  # who uses which key (eviction)
+    access: ExportAccess = field(init=False)  # the exports as each client may see them
+
+    def __post_init__(self) -> None:
+        self.access = ExportAccess(self.exports, self.default_export, self.rules, self.keys)
 
     def next_serial(self) -> int:
         self.serial += 1
@@ -85,6 +99,8 @@ def open_device(cfg: DeviceConfig, opened: dict[str, Device]) -> Device:
         return raw if engine is None else InlineCryptoDevice(raw, engine.caps, engine.keyslots)
     if isinstance(cfg, TableDeviceConfig):
         return MappedDevice(cfg.name, Table.build(cfg.lines, opened))
+    if isinstance(cfg, LuksDeviceConfig):
+        return open_luks(cfg.name, cfg.header, cfg.passphrase_file, cfg.keyslot)
     raise TypeError(f"unknown device kind {type(cfg).__name__}")
 
 
@@ -99,6 +115,8 @@ def build_exports(
             description=e.description,
             multi_conn=e.multi_conn,
             key=keys[e.key] if e.key is not None else None,
+            per_client_key=e.per_client_key,
+            evict_on_idle=e.evict is Evict.ON_IDLE,
         )
         for name, e in config.exports.items()
     }
@@ -115,11 +133,17 @@ class Server:
         self._stop = asyncio.Event()
         self.control: ControlServer | None = None
         self.flush_failed = False  # the final flush failed: writes may not be durable
-        self.keys = {name: load_key(key_cfg) for name, key_cfg in config.keys.items()}
+        self.keys = {
+            name: load_key(key_cfg)
+            for name, key_cfg in config.keys.items()
+            if not isinstance(key_cfg.source, KeyLuks)  # added as its luks device opens
+        }
         tls_context = self._tls_context(config.server.tls)
         try:
             for name, dev_cfg in config.devices.items():
-                self.devices[name] = open_device(dev_cfg, self.devices)
+                self.devices[name] = device = open_device(dev_cfg, self.devices)
+                if isinstance(device, LuksDevice) and device.volume_key is not None:
+                    self.keys[name] = device.volume_key
         except BaseException:
             self.close_devices()
             raise
@@ -130,6 +154,8 @@ class Server:
             limits=config.server.limits,
             tls=tls_context,
             tls_required=config.server.tls.mode is TlsMode.REQUIRE,
+            rules=config.clients,
+            keys=self.keys,
         )
 
     @staticmethod
@@ -148,7 +174,8 @@ class Server:
 
     async def start(self) -> None:
         if self.config.server.control is not None:  # first: ready for ctl once clients can come
-            control = ControlServer(Controller(self.devices), self.config.server.control)
+            controller = Controller(self.devices, self.keys, self.state.key_users)
+            control = ControlServer(controller, self.config.server.control)
             await control.start()
             self.control = control
         for address in self.config.server.listen:
@@ -228,6 +255,7 @@ class Server:
                     conn.transport.abort()
         await self._flush_devices()
         self.close_devices()
+        wipe_keys(self.keys.values())
         log.info("stopped")
 
     async def _flush_devices(self) -> None:

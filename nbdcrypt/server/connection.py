@@ -47,7 +47,7 @@ from nbdcrypt.tls import describe_tls_error, peer_names
 
 if TYPE_CHECKING:
     from nbdcrypt.device import Device
-    from nbdcrypt.export import Export
+    from nbdcrypt.export import Export, OpenExport
     from nbdcrypt.server.app import ServerState
 
 log = logging.getLogger("nbdcrypt.connection")
@@ -79,6 +79,8 @@ class Connection(asyncio.BufferedProtocol):
         self.peer = "?"
         self.identity = PeerIdentity("unix")  # set in connection_made; TLS adds to it
         self.export: Export | None = None
+        self.view: OpenExport | None = None  # the export as this client opened it (key, access)
+        self._key_view: OpenExport | None = None  # in transmission: the key context it uses
         self.transport: asyncio.Transport | None = None
         self._handshake: hs.ServerHandshake | None = hs.ServerHandshake(
             tls_required=state.tls_required
@@ -185,15 +187,18 @@ class Connection(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
         self.state.unregister(self)
-        if self._parser is not None and self.export is not None:
-            self.export.device.openers -= 1
+        if self._parser is not None and self.view is not None:
+            self.view.export.device.openers -= 1
         if not self._closed.done():
             self._closed.set_result(None)
-        if self.export is not None:
+        if self.view is not None:
             log.info(
-                "%s: closed export %r after %.1fs: %d requests, %d bytes read, %d written%s",
+                "%s: %s closed export %r (%s) after %.1fs: %d requests, %d bytes read, "
+                "%d written%s",
                 self.peer,
-                self.export.name,
+                self.identity.describe(),
+                self.view.name,
+                _key_label(self.view),
                 time.monotonic() - self._opened,
                 self.requests,
                 self.bytes_read,
@@ -202,6 +207,7 @@ class Connection(asyncio.BufferedProtocol):
             )
         else:
             log.debug("%s: closed during the handshake%s", self.peer, f" ({exc})" if exc else "")
+        self._close_when_idle()  # leaves the key context now, or after the last request
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -248,50 +254,60 @@ class Connection(asyncio.BufferedProtocol):
             machine.reply_error(rep, why)
             return None
         if isinstance(event, hs.ListExports):
-            machine.reply_list((e.name, e.description) for e in self.state.exports.values())
+            listed = self.state.access.listed(self.identity)
+            machine.reply_list((e.name, e.description) for e in listed)
         elif isinstance(event, hs.StartTLSRequest):
             if self.state.tls is None:
                 machine.reply_error(Rep.ERR_POLICY, "TLS is not configured on this server")
             else:
                 machine.reply_starttls()
         elif isinstance(event, hs.MetaContextRequest):
-            if self.state.find_export(event.export) is None:
+            if self.state.access.open(self.identity, event.export) is None:
                 machine.reply_error(Rep.ERR_UNKNOWN, f"unknown export {event.export!r}")
             else:
                 machine.reply_meta_context()
         elif isinstance(event, hs.ExportInfoRequest):
             return self._on_info(machine, event)
         elif isinstance(event, hs.ExportNameRequest):
-            export = self.state.find_export(event.name)
-            if export is None:
+            view = self._open(event.name)
+            if view is None:
                 log.info("%s: EXPORT_NAME %r: no such export, closing", self.peer, event.name)
                 machine.reply_error(Rep.ERR_UNKNOWN, "")
                 return None
-            self.export = export
-            flags = export.transmission_flags(structured=machine.structured_replies)
-            return machine.reply_export_name(size=export.size, flags=flags)
+            self.view, self.export = view, view.export
+            flags = view.transmission_flags(structured=machine.structured_replies)
+            return machine.reply_export_name(size=view.size, flags=flags)
         return None
+
+    def _open(self, name: str) -> OpenExport | None:
+        """This client's view of export `name` (its key context), or None: no such export, or
+        none its client rule grants (answered alike: other tenants' exports stay unseen)."""
+        view = self.state.access.open(self.identity, name)
+        if view is None and self.state.access.find(name) is not None:
+            who = self.identity.describe()
+            log.info("%s: %s may not open %r: no client rule grants it", self.peer, who, name)
+        return view
 
     def _on_info(
         self, machine: hs.ServerHandshake, event: hs.ExportInfoRequest
     ) -> hs.TransmissionStarted | None:
-        export = self.state.find_export(event.name)
-        if export is None:
+        view = self._open(event.name)
+        if view is None:
             machine.reply_error(Rep.ERR_UNKNOWN, f"unknown export {event.name!r}")
             return None
         if event.go:
-            self.export = export
+            self.view, self.export = view, view.export
         return machine.reply_info(
-            name=export.name,
-            size=export.size,
-            flags=export.transmission_flags(structured=machine.structured_replies),
-            description=export.description,
-            block_sizes=export.block_sizes,
+            name=view.name,
+            size=view.size,
+            flags=view.transmission_flags(structured=machine.structured_replies),
+            description=view.export.description,
+            block_sizes=view.block_sizes,
         )
 
     def _enter_transmission(self, started: hs.TransmissionStarted) -> None:
-        export = self.export
-        assert export is not None
+        view = self.view
+        assert view is not None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -299,15 +315,17 @@ class Connection(asyncio.BufferedProtocol):
         neg = started.negotiated
         self._structured = neg.structured_replies
         self._parser = RequestParser(
-            size=export.size,
-            transmission_flags=export.transmission_flags(structured=neg.structured_replies),
+            size=view.size,
+            transmission_flags=view.transmission_flags(structured=neg.structured_replies),
             block_status=neg.base_allocation,
-            min_block=export.block_sizes[0],
+            min_block=view.block_sizes[0],
         )
-        self._device = export.io
-        export.device.openers += 1
+        self._device = view.io
+        view.export.device.openers += 1
+        self.state.key_users.join(view, self)
+        self._key_view = view
         # Holes are worth looking for only where they read as zeroes: not through a key.
-        sparse = neg.structured_replies and export.key is None and export.device.caps.can_extents
+        sparse = neg.structured_replies and view.sparse_reads
         self._sparse_read_min = SPARSE_READ_MIN if sparse else 1 << 64
         device = self._device
         self._handlers = {
@@ -320,10 +338,13 @@ class Connection(asyncio.BufferedProtocol):
             Cmd.BLOCK_STATUS: self._block_status,
         }
         log.info(
-            "%s: opened export %r (%d bytes%s%s)",
+            "%s: %s opened export %r with %s (%s, %d bytes%s%s)",
             self.peer,
-            export.name,
-            export.size,
+            self.identity.describe(),
+            view.name,
+            _key_label(view),
+            "read-only" if view.readonly else "read-write",
+            view.size,
             ", structured replies" if neg.structured_replies else "",
             ", base:allocation" if neg.base_allocation else "",
         )
@@ -620,8 +641,18 @@ class Connection(asyncio.BufferedProtocol):
             self._transport.resume_reading()
 
     def _close_when_idle(self) -> None:
-        if self._inflight == 0 and self.transport is not None and not self.transport.is_closing():
+        if self._inflight:
+            return
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+        if self._closed.done() and self._key_view is not None:
+            view, self._key_view = self._key_view, None  # closed and idle: leave its key, once
+            self.state.key_users.left(view, self)
+
+    @property
+    def inflight(self) -> int:
+        """Requests of this connection in flight (for `ctl evict-key`'s EBUSY)."""
+        return self._inflight
 
     def begin_shutdown(self) -> None:
         """Refuse new requests with ESHUTDOWN; close when idle after DISC or a short grace."""
@@ -640,6 +671,11 @@ class Connection(asyncio.BufferedProtocol):
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed)
+
+
+def _key_label(view: OpenExport) -> str:
+    """`key alice` or `no key`, for the open and close log lines (the key ID, never bytes)."""
+    return "no key" if view.key_id is None else f"key {view.key_id}"
 
 
 def _merge_zero_runs(offset: int, extents: list[Extent]) -> list[tuple[int, int, bool]]:
