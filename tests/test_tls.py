@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import ssl
 import time
@@ -238,6 +239,42 @@ def test_starttls_twice_or_with_data_is_invalid(pki: Pki, start_server: StartSer
         assert r.type == rn.REP_ERR_INVALID
         assert c.opt_list() == [("disk", "the disk")]  # TLS goes on
         c.option(rn.OPT_ABORT)
+
+
+def test_export_name_over_tls(tmp_path: Path, pki: Pki, start_server: StartServer) -> None:
+    """Once TLS runs, require mode serves even the oldest way into transmission."""
+    server = start_server(config(pki))
+    with rn.RawNBD.unix(server.socket_path) as c:
+        c.start()
+        starttls(c, tls_context(pki, "bob"))
+        assert c.export_name("disk")[0] == 16 * MIB
+        assert c.call(rn.CMD_WRITE, 4096, 4096, data=b"\xee" * 4096).errno == 0
+        assert c.call(rn.CMD_FLUSH).errno == 0
+        assert c.read(4096, 4096) == b"\xee" * 4096
+        c.disconnect()
+    assert (tmp_path / "disk0.img").read_bytes()[4096:8192] == b"\xee" * 4096
+
+
+def test_sigterm_with_tls_clients_exits_cleanly(pki: Pki, start_server: StartServer) -> None:
+    """SIGTERM while one client is in transmission over TLS and another is halfway through its
+    TLS handshake: both are closed, everything is flushed, exit status 0."""
+    server = start_server(config(pki, limits="{handshake_timeout: 60s}"))
+    with rn.RawNBD.tcp(server.port) as busy, rn.RawNBD.tcp(server.port) as halfway:
+        busy.start()
+        starttls(busy, tls_context(pki))
+        busy.opt_go("disk")
+        assert busy.call(rn.CMD_WRITE, 0, 512, data=b"\x11" * 512).errno == 0
+        halfway.start()
+        (ack,) = halfway.option(rn.OPT_STARTTLS)
+        assert ack.type == rn.REP_ACK
+        halfway.send(b"\x16\x03\x01")
+        server.proc.send_signal(signal.SIGTERM)
+        assert closed(halfway) == b""
+        assert closed(busy) == b""  # close_notify after the grace for its DISC
+    assert server.stop() == 0
+    assert "closed during the TLS handshake" in server.log
+    assert "still busy at the shutdown timeout" not in server.log
+    assert "stopped" in server.log
 
 
 def test_plaintext_after_starttls_is_dropped(pki: Pki, start_server: StartServer) -> None:

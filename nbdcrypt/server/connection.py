@@ -54,6 +54,7 @@ log = logging.getLogger("nbdcrypt.connection")
 
 SPARSE_READ_MIN = 64 * 1024  # structured reads this large report holes as OFFSET_HOLE chunks
 _SHUTDOWN_GRACE = 2.0  # seconds a shutting-down connection waits for the client's DISC
+_TLS_CLOSE_TIMEOUT = 5.0  # seconds a closing TLS connection waits to flush and for close_notify
 _OP_READ = Op.READ
 _PASS_FLAGS = int(ReqFlag.FUA | ReqFlag.NO_HOLE | ReqFlag.FAST_ZERO)
 
@@ -379,10 +380,12 @@ class Connection(asyncio.BufferedProtocol):
                 context,
                 server_side=True,
                 ssl_handshake_timeout=self.state.limits.handshake_timeout,
+                ssl_shutdown_timeout=_TLS_CLOSE_TIMEOUT,
             )
-            if secure is None:
-                raise ConnectionError("the connection closed")
-            tls = secure.get_extra_info("ssl_object")
+            # closed during the handshake (a timeout, a shutdown): uvloop returns a dead transport
+            tls = secure.get_extra_info("ssl_object") if secure is not None else None
+            if secure is None or tls is None or secure.is_closing():
+                raise ConnectionError("the connection closed during the TLS handshake")
             subject, sans = peer_names(tls.getpeercert(binary_form=True))
         except Exception as exc:  # the client's fault or its network's: one line, then close
             log.info("%s: TLS handshake failed: %s", self.peer, describe_tls_error(exc))
@@ -397,7 +400,7 @@ class Connection(asyncio.BufferedProtocol):
         log.info("%s: %s established: %s", self.peer, tls.version(), self.identity.describe())
         machine, early = self._handshake, self._tls_early
         self._tls_early = None
-        if machine is None or machine.state is not hs.State.TLS_HANDSHAKE or secure.is_closing():
+        if machine is None or machine.state is not hs.State.TLS_HANDSHAKE:
             return
         machine.tls_established()
         if early:
