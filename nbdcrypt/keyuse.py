@@ -107,34 +107,40 @@ class KeyUsers:
         last = self.leave(view, holder)
         if not (last and view.export.evict_on_idle and view.key is not None):
             return
-        task = asyncio.get_running_loop().create_task(evict_idle(view))
+        task = asyncio.get_running_loop().create_task(self._evict_idle(view))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _in_use_on(self, key: CryptoKey, export: str) -> bool:
+        with self._lock:
+            return bool(self._users.get(key, {}).get(export))
 
-async def evict_idle(view: OpenExport) -> None:
-    """`evict: on-idle`: take the key of `view` out of every engine below its export. If a
-    request of another export sharing an engine holds it (EBUSY), it stays: that export's
-    own connections decide when it goes."""
-    key = view.key
-    assert key is not None
-    try:
-        await view.export.device.evict_key(key)
-    except OSError as exc:
-        if exc.errno != errno.EBUSY:
-            log.error("key %s: eviction below export %r failed: %s", key.key_id, view.name, exc)
+    async def _evict_idle(self, view: OpenExport) -> None:
+        """`evict: on-idle`: take the key of `view` out of every engine below its export,
+        unless a new connection has taken it up there meanwhile. If a request of another
+        export sharing an engine holds it (EBUSY), it stays: that export's own connections
+        decide when it goes."""
+        key = view.key
+        assert key is not None
+        if self._in_use_on(key, view.name):
+            return
+        try:
+            await view.export.device.evict_key(key)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                log.error("key %s: eviction below export %r failed: %s", key.key_id, view.name, exc)
+                return
+            log.info(
+                "key %s stays programmed below export %r: a request holds it in a keyslot",
+                key.key_id,
+                view.name,
+            )
             return
         log.info(
-            "key %s stays programmed below export %r: requests of another export use it",
+            "key %s evicted from the engines below export %r: its last connection closed",
             key.key_id,
             view.name,
         )
-        return
-    log.info(
-        "key %s evicted from the engines below export %r: its last connection closed",
-        key.key_id,
-        view.name,
-    )
 
 
 def engines_holding(devices: Iterable[Device], key: CryptoKey) -> list[InlineCryptoDevice]:

@@ -748,3 +748,33 @@ def test_example_tenants_config_checks() -> None:
         in (out.stdout)
     )
     assert out.stdout.endswith("  [3] anonymous: handbook ro\n")
+
+
+def test_on_idle_eviction_races() -> None:
+    """A connection that takes the key up again before the eviction runs keeps it; a keyslot
+    held by another export's request (EBUSY) keeps it too, and the server goes on."""
+
+    async def run() -> None:
+        alice = make_key("alice")
+        dev = engine("a")
+        vault = Export("vault", dev, per_client_key=True, evict_on_idle=True)
+        other = Export("other", dev, key=alice)
+        users = KeyUsers()
+        first, second = Holder(), Holder()
+        view = vault.open(alice, readonly=False)
+        users.join(view, first)
+        await program(dev, alice)
+        users.left(view, first)  # the eviction is scheduled...
+        users.join(vault.open(alice, readonly=False), second)  # ...and the key taken up again
+        await asyncio.sleep(0)
+        assert dev.holds_key(alice) and dev.stats.evictions == 0
+        assert dev.keyslots is not None
+        slot = await dev.keyslots.get_slot(alice)  # a request of `other` holds its slot
+        users.left(view, second)
+        await asyncio.sleep(0)
+        assert dev.holds_key(alice) and dev.stats.evictions == 0  # EBUSY: it stays
+        dev.keyslots.put_slot(slot)
+        assert users.connections(alice) == 0
+        assert other.key is alice
+
+    asyncio.run(run())
