@@ -10,9 +10,11 @@ import ipaddress
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -778,3 +780,66 @@ def test_on_idle_eviction_races() -> None:
         assert other.key is alice
 
     asyncio.run(run())
+
+
+# --- no clients section gives anything but a ConfigError -----------------------------------------
+
+WORDS = [
+    "match",
+    "exports",
+    "key",
+    "anonymous",
+    "tls_subject",
+    "tls_san",
+    "address",
+    "unix_uid",
+    "unix_gid",
+    "vault",
+    "demo",
+    "plain",
+    "oddity",
+    "alice",
+    "bob",
+    "tiny",
+    "rw",
+    "ro",
+]
+SCALARS = [
+    "anonymous",
+    "rw",
+    "ro",
+    "10.0.0.0/8",
+    "10.0.0.1/8",
+    "::1",
+    "CN=a",
+    "DNS:x",
+    "IP:1.2.3.4",
+    "IP:x",
+    "",
+    "é",
+    "\ud800",
+    "alice",
+    "vault",
+]
+_scalars = st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.sampled_from(SCALARS)
+_words = st.sampled_from(WORDS) | st.text(max_size=4)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_words, inner, max_size=3),
+    max_leaves=10,
+)
+_rules = st.lists(st.dictionaries(st.sampled_from(WORDS), _values, max_size=4), max_size=3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(_rules, _values))
+def test_any_clients_section_loads_or_is_a_config_error(section: object) -> None:
+    with tempfile.TemporaryDirectory() as name:
+        path = Path(name) / "c.yaml"
+        path.write_text(BASE + yaml.safe_dump({"clients": section}, allow_unicode=True))
+        try:
+            config = load_config(path)
+        except ConfigError as e:
+            assert str(e).startswith(str(path)) and "\n" not in str(e)
+        else:
+            assert config.clients is not None and config.clients
