@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -201,3 +202,30 @@ def test_kernel_client_on_an_encrypted_export(
     raw = (tmp_path / "disk0.img").read_bytes()
     assert PATTERN[:4096] not in raw, "plaintext of the pattern in the backing file"
     assert EXT4_FILES["hello.txt"] not in raw, "plaintext of a file in the backing file"
+
+
+def test_kernel_client_multi_conn(
+    guest: GuestImage, start_server: StartServer, tmp_path: Path
+) -> None:
+    """`nbd-client -C 4` against an export that advertises CAN_MULTI_CONN: the kernel spreads
+    its requests over four connections, and the ext4 tree and pattern survive as with one."""
+    server = start_server(CONFIG)
+    params = {"script": "kernel-client", "port": str(server.port), "export": "vmdisk"}
+    result = boot(
+        params | {"mode": "netlink", "connections": "4"},
+        BOOT_TIMEOUT,
+        image=guest,
+        console_log=tmp_path / "console.log",
+        extra=["-smp", "4"],  # blk-mq maps a CPU to a connection: one vCPU would use only one
+    )
+    log = server.log
+    assert result.passed, f"{result.report()}\n--- server log ---\n{log[-5000:]}"
+    assert server.stop() == 0, log[-5000:]
+    # two attachments of four connections each, every one of them used for I/O
+    opened = [line for line in log.splitlines() if "opened export 'vmdisk'" in line]
+    assert len(opened) == 8, "\n".join(opened)
+    closed = re.findall(r"closed export 'vmdisk'.*?: (\d+) requests", log)
+    assert len(closed) == 8, log[-5000:]
+    assert sum(int(n) > 0 for n in closed) >= 4, closed  # not all I/O on one connection
+    check_guest_report(result)
+    check_backing_file(tmp_path / "disk0.img", result)
