@@ -544,6 +544,7 @@ def test_describe_tables_and_stacks(tmp_path: Path) -> None:
         f"config: {path}",
         "listen:",
         "  tcp://127.0.0.1:10809",
+        "tls: off (STARTTLS is refused)",
         "devices:",
         f"  a: file {tmp_path / 'a.img'}, 1.0 GiB (1073741824 bytes)  (created sparse on first "
         "start)",
