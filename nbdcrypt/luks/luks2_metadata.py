@@ -29,6 +29,7 @@ SECTOR_SIZES = (512, 1024, 2048, 4096)
 MAX_KEYSLOTS = 32
 MAX_ARGON2_MEMORY = 4 * 1024 * 1024  # KiB, cryptsetup's limit
 MAX_STRIPES = 65536
+_KIND_NAMES: dict[type, str] = {str: "a string", int: "an integer"}
 
 
 class _Reader:
@@ -53,7 +54,7 @@ class _Reader:
     def _typed(self, obj: dict[str, object], key: str, where: str, kind: type[_T]) -> _T:
         value = self.get(obj, key, where)
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise self.fail(f"{where}.{key}", f"expected a {kind.__name__}")
+            raise self.fail(f"{where}.{key}", f"expected {_KIND_NAMES.get(kind, kind.__name__)}")
         return value
 
     def string(self, obj: dict[str, object], key: str, where: str) -> str:
