@@ -33,7 +33,7 @@ from nbdcrypt.keyring import KeyFileError
 from nbdcrypt.luks import LuksError
 from nbdcrypt.luks.cli import add_parser as add_luks_parser
 from nbdcrypt.luks.cli import check_lines as luks_check_lines
-from nbdcrypt.server import heap
+from nbdcrypt.server import heap, systemd
 from nbdcrypt.server.app import Server
 from nbdcrypt.tls import TlsFileError, check_credentials
 
@@ -112,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TlsFileError as exc:  # a TLS file changed between loading the config and serving
         print(f"nbdcrypt: {exc}", file=sys.stderr)
         return 1
+    except systemd.SystemdError as exc:  # socket activation handed over an unusable socket
+        print(f"nbdcrypt: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return code
@@ -123,7 +126,9 @@ def _serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    config = load_config(args.config, listen_override=args.listen)
+    activated = systemd.activated_sockets()  # read first: they are ours only until a fork
+    notifier = systemd.Notifier()
+    config = load_config(args.config, listen_override=args.listen, listen_required=not activated)
     heap.keep_freed_memory()
     if args.control is not None:
         config = dataclasses.replace(
@@ -131,7 +136,7 @@ def _serve(args: argparse.Namespace) -> int:
         )
 
     async def run() -> int:
-        server = Server(config)
+        server = Server(config, activated=activated, notifier=notifier)
         try:
             await server.serve_until_stopped()
         except OSError as exc:

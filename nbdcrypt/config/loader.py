@@ -532,18 +532,20 @@ def _limits(item: _Item | None) -> Limits:
     )
 
 
-def _server(top: _Fields, override: tuple[ListenAddress, ...]) -> ServerConfig:
+def _server(
+    top: _Fields, override: tuple[ListenAddress, ...], listen_required: bool
+) -> ServerConfig:
     why = " (the server must listen somewhere; or give --listen)"
     item = top.get("server")
     if item is None:
-        if not override:
+        if not override and listen_required:
             top.require("server", why)
         return ServerConfig(override)
     fields = item.fields(("listen", "limits", "tls", "control"), planned=("metrics",))
     tls = fields.opt("tls", _tls, TlsConfig())
     no_listen: tuple[ListenAddress, ...] = ()
     listen = fields.opt("listen", _listen, no_listen)
-    if not override:
+    if not override and listen_required:
         fields.require("listen", why)
     control = fields.opt("control", _control, None)
     return ServerConfig(override or listen, _limits(fields.get("limits")), control, tls)
@@ -1310,15 +1312,18 @@ def _grants(item: _Item, exports: dict[str, ExportConfig]) -> dict[str, tuple[bo
     return grants
 
 
-def load_config(path: Path, *, listen_override: Sequence[str] = ()) -> Config:
-    """Read and check the configuration at path; `listen_override` replaces server.listen."""
+def load_config(
+    path: Path, *, listen_override: Sequence[str] = (), listen_required: bool = True
+) -> Config:
+    """Read and check the configuration at path; `listen_override` replaces server.listen.
+    Without `listen_required` (socket activation) server.listen may be missing."""
     override = _listen_overrides(listen_override)
     source = path.absolute()
     src = _Source(str(path), source.parent)
     top = _compose(src, _read(src, path)).fields(
         ("server", "keys", "devices", "exports", "clients")
     )
-    server = _server(top, override)
+    server = _server(top, override, listen_required)
     keys = _keys(top.get("keys"))
     devices = _devices(top.require("devices"), keys)
     keys = {**keys, **_luks_keys(devices)}

@@ -11,8 +11,10 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import ssl
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from nbdcrypt.backends.file import FileDevice
@@ -45,6 +47,7 @@ from nbdcrypt.keyring import load_key, wipe_keys
 from nbdcrypt.keyuse import KeyUsers
 from nbdcrypt.luks.device import LuksDevice, open_luks
 from nbdcrypt.server.connection import Connection
+from nbdcrypt.server.systemd import ActivatedSocket, Notifier
 from nbdcrypt.tls import server_context
 
 log = logging.getLogger("nbdcrypt.server")
@@ -125,8 +128,16 @@ def build_exports(
 class Server:
     """Owns the devices, listeners and connections of one configuration."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        activated: Sequence[ActivatedSocket] = (),
+        notifier: Notifier | None = None,
+    ) -> None:
         self.config = config
+        self.activated = list(activated)  # sockets from systemd: served instead of server.listen
+        self.notifier = notifier if notifier is not None else Notifier({})
         self.devices: dict[str, Device] = {}
         self._listeners: list[asyncio.Server] = []
         self._unix_paths: list[str] = []
@@ -178,9 +189,28 @@ class Server:
             control = ControlServer(controller, self.config.server.control)
             await control.start()
             self.control = control
+        if self.activated:
+            if self.config.server.listen:
+                log.info("socket activation: serving the inherited sockets, not server.listen")
+            for inherited in self.activated:
+                self._listeners.append(await self._adopt(inherited))
+                log.info("listening on %s (socket activation: %s)", inherited.label, inherited.name)
+            return
         for address in self.config.server.listen:
             self._listeners.append(await self._listen(address))
             log.info("listening on %s", address)
+
+    async def _adopt(self, inherited: ActivatedSocket) -> asyncio.Server:
+        """Serve on a listening socket systemd made (it stays systemd's: never unlinked here)."""
+        loop = asyncio.get_running_loop()
+        label = inherited.label
+
+        def factory() -> Connection:
+            return Connection(self.state, label)
+
+        if inherited.sock.family == socket.AF_UNIX:
+            return await loop.create_unix_server(factory, sock=inherited.sock)
+        return await loop.create_server(factory, sock=inherited.sock)
 
     async def _listen(self, address: ListenAddress) -> asyncio.Server:
         loop = asyncio.get_running_loop()
@@ -224,13 +254,31 @@ class Server:
             loop.add_signal_handler(sig, self.request_stop)
         await self.start()
         log.info("ready: %d export(s): %s", len(self.state.exports), ", ".join(self.state.exports))
+        self.notifier.send("READY=1", f"STATUS=serving {len(self.state.exports)} export(s)")
+        watchdog = self._start_watchdog(loop)
         await self._stop.wait()
+        if watchdog is not None:
+            watchdog.cancel()
+        self.notifier.send("STOPPING=1", "STATUS=shutting down")
         await self.shutdown()
         for sig in (signal.SIGTERM, signal.SIGINT):
             # Already stopping: another signal while the process exits must not kill it and
             # turn a clean stop into a death by signal (closing the loop would restore SIG_DFL).
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
+
+    def _start_watchdog(self, loop: asyncio.AbstractEventLoop) -> asyncio.Task[None] | None:
+        """WATCHDOG=1 at half the unit's WatchdogSec, from the event loop: a stuck loop stops
+        the pings and systemd restarts the service."""
+        interval = self.notifier.watchdog_interval
+        if interval is None or not self.notifier.enabled:
+            return None
+
+        async def ping() -> None:
+            while self.notifier.send("WATCHDOG=1"):
+                await asyncio.sleep(interval)
+
+        return loop.create_task(ping())
 
     async def shutdown(self) -> None:
         log.info("shutting down: %d connection(s) open", len(self.state.connections))
