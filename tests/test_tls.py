@@ -277,6 +277,51 @@ def test_sigterm_with_tls_clients_exits_cleanly(pki: Pki, start_server: StartSer
     assert "stopped" in server.log
 
 
+def _read_until_ack(obj: ssl.SSLObject, inb: ssl.MemoryBIO, sock: socket.socket) -> bytes:
+    got = b""
+    while True:
+        replies = nw.parse_opt_replies(got) if len(got) >= 20 else []
+        if replies and replies[-1].rep == nw.REP_ACK:
+            return got
+        try:
+            got += obj.read(65536)
+        except ssl.SSLWantReadError:
+            data = sock.recv(65536)
+            assert data, "the server closed the connection"
+            inb.write(data)
+
+
+def test_options_right_behind_the_tls_finished(pki: Pki, start_server: StartServer) -> None:
+    """The client's first option in the same packet as its TLS Finished: it must be answered
+    (uvloop hands it over just after the upgrade returns; the connection would hold it if it
+    came before), not lost or taken for plaintext."""
+    server = start_server(config(pki))
+    with rn.RawNBD.tcp(server.port) as c:
+        c.start()
+        (ack,) = c.option(rn.OPT_STARTTLS)
+        assert ack.type == rn.REP_ACK
+        inb, outb = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = tls_context(pki).wrap_bio(inb, outb, server_hostname="localhost")
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                c.sock.sendall(outb.read())
+                data = c.sock.recv(65536)
+                assert data
+                inb.write(data)
+        obj.write(nw.option(nw.OPT_LIST))  # queued behind the client's Finished
+        c.sock.sendall(outb.read())  # one send: Finished and the first option
+        replies = nw.parse_opt_replies(_read_until_ack(obj, inb, c.sock))
+        assert [(r.option, r.rep) for r in replies] == [
+            (nw.OPT_LIST, nw.REP_SERVER),
+            (nw.OPT_LIST, nw.REP_ACK),
+        ]
+        assert replies[0].data == nw.rep_server(b"disk", b"the disk")
+    assert log_has(server, "tls(CN=alice,O=tenant A)")
+
+
 def test_plaintext_after_starttls_is_dropped(pki: Pki, start_server: StartServer) -> None:
     """Options a man in the middle appends to STARTTLS are not answered, before or after TLS:
     had the injected STRUCTURED_REPLY and GO counted, LIST would not be the next reply."""

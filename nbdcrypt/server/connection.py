@@ -168,8 +168,8 @@ class Connection(asyncio.BufferedProtocol):
         if parser is not None:
             self._on_events(parser.feed(data))
         elif self._handshake is not None:
-            if self._tls_early is not None:  # the client's first options over TLS, held
-                self._tls_early += data  # until the upgrade is done and its identity known
+            if self._tls_early is not None:  # options decrypted before start_tls returned:
+                self._tls_early += data  # held until the upgrade is done and identity known
                 return
             self._handshake.receive_data(data)
             self._drive_handshake()
