@@ -33,8 +33,10 @@ from luks_images import (
     write_secret,
 )
 
+from nbdcrypt.crypto.secret import SecretBytes
 from nbdcrypt.luks import LuksError
 from nbdcrypt.luks.header import Argon2, LuksHeader, Pbkdf2, read_header
+from nbdcrypt.luks.mapping import crypt_line
 from nbdcrypt.luks.unlock import read_passphrase, unlock
 
 
@@ -365,7 +367,6 @@ def _edit(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
         ("keyslots.0.type", "reencrypt", "reencryption keyslot"),
         ("keyslots.0.area.encryption", "aes-ecb", "chaining mode 'ecb'"),
         ("digests.0.type", "sha-magic", "only pbkdf2 is supported"),
-        ("config.flags", ["bogus-flag"], "LUKS2 flag 'bogus-flag' is not supported"),
         ("segments.0.sector_size", 8192, "8192 is not 512, 1024, 2048 or 4096"),
         ("segments.0.offset", "16", "segments.0.offset: 16 is not a multiple of 512"),
         ("keyslots.0.af.stripes", "4000", "keyslots.0.af.stripes: expected an integer"),
@@ -387,11 +388,16 @@ def test_luks2_flags_and_tokens_are_kept(tmp_path: Path, passfile: Path) -> None
     token = {"type": "example", "keyslots": ["0"]}
 
     def mutate(doc: dict[str, Any]) -> None:
-        doc["config"]["flags"] = ["allow-discards", "no-read-workqueue"]
+        doc["config"]["flags"] = ["allow-discards", "no-read-workqueue", "bogus-flag"]
         doc["tokens"]["0"] = token
 
     rewrite_luks2(image, mutate)
     header: LuksHeader = read_header(image)
-    assert header.flags == ("allow-discards", "no-read-workqueue")
+    assert header.flags == ("allow-discards", "no-read-workqueue", "bogus-flag")
+    assert header.notes == ("unknown LUKS2 flags ignored, as cryptsetup ignores them: bogus-flag",)
     assert header.tokens == ("0: example",)
+    line = crypt_line(header, SecretBytes(bytes(64)), "img").text()
+    assert line.endswith(
+        f" 0 img {header.segment.offset // 512} 2 allow_discards no_read_workqueue"
+    )
     assert "Flags:" in luks_dump(image)  # cryptsetup still reads what we wrote

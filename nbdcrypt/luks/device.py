@@ -59,6 +59,8 @@ def open_luks(
     name: str, header: LuksHeader, passphrase_file: Path, keyslot: int | None = None
 ) -> LuksDevice:
     """Unlock `header` with the passphrase file and open its payload as device `name`."""
+    for note in header.notes:
+        log.warning("luks device %s: %s: %s", name, header.path, note)
     key = unlock(header, passphrase_file, keyslot=keyslot, label=name)
     try:
         image = FileDevice(image_name(name), header.path, header.file_size)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from nbdcrypt.luks import LuksError, hashes
 from nbdcrypt.luks.header import SECTOR, Argon2, Digest, Kdf, Keyslot, LuksHeader, Pbkdf2, Segment
-from nbdcrypt.luks.mapping import check_cipher, check_flags
+from nbdcrypt.luks.mapping import check_cipher, unknown_flags
 
 if TYPE_CHECKING:
     from nbdcrypt.luks.luks2 import Copy
@@ -116,7 +116,9 @@ def build(copy: Copy, path: Path, file_size: int, notes: tuple[str, ...]) -> Luk
     config = r.obj(r.get(top, "config", "metadata"), "config")
     _requirements(r, config)
     flags = r.strings(config, "flags", "config")
-    check_flags(flags, path)
+    ignored = unknown_flags(flags)
+    if ignored:
+        notes += (f"unknown LUKS2 flags ignored, as cryptsetup ignores them: {', '.join(ignored)}",)
     segment = _segment(r, [s for s in r.entries(top, "segments", _segment_entry) if s is not None])
     digests = tuple(r.entries(top, "digests", lambda n, o: _digest(r, n, o)))
     keyslots = tuple(r.entries(top, "keyslots", lambda n, o: _keyslot(r, n, o)))

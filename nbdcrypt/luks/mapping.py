@@ -33,8 +33,8 @@ FLAG_OPTIONS = {
     "no-read-workqueue": "no_read_workqueue",
     "no-write-workqueue": "no_write_workqueue",
 }
-# flags that change nothing in a crypt table
-INERT_FLAGS = ("no-journal", "high-priority")
+# flags that change nothing in a crypt table here (dm-integrity's journal, the kernel's queues)
+INERT_FLAGS = ("no-journal", "high_priority")
 
 
 def check_cipher(cipher: str, key_size: int, path: Path) -> CipherName:
@@ -52,10 +52,9 @@ def check_cipher(cipher: str, key_size: int, path: Path) -> CipherName:
     return name
 
 
-def check_flags(flags: tuple[str, ...], path: Path) -> None:
-    for flag in flags:
-        if flag not in FLAG_OPTIONS and flag not in INERT_FLAGS:
-            raise LuksError(f"{path}: LUKS2 flag {flag!r} is not supported")
+def unknown_flags(flags: tuple[str, ...]) -> list[str]:
+    """Flags cryptsetup does not know either: it ignores them, and so does nbdcrypt."""
+    return [flag for flag in flags if flag not in FLAG_OPTIONS and flag not in INERT_FLAGS]
 
 
 def option_words(sector_size: int, flags: tuple[str, ...]) -> list[str]:
