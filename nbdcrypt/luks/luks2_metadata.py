@@ -12,7 +12,6 @@ keyslot or digest types, and a segment no passphrase keyslot opens (tokens only)
 from __future__ import annotations
 
 import base64
-import binascii
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -76,7 +75,7 @@ class _Reader:
     def b64(self, obj: dict[str, object], key: str, where: str) -> bytes:
         try:
             return base64.b64decode(self.string(obj, key, where), validate=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or characters outside ASCII
             raise self.fail(f"{where}.{key}", "not valid base64") from None
 
     def numbers(self, obj: dict[str, object], key: str, where: str) -> tuple[int, ...]:
