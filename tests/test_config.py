@@ -539,8 +539,8 @@ ERRORS = [
     (
         "device-no-kind",
         SERVER + "devices:\n  mem:\n    size: 1M\n" + EXPORTS,
-        "4: devices.mem: missing the device kind: 'file: PATH', 'memory: SIZE' or "
-        "'table: [LINE, ...]'",
+        "4: devices.mem: missing the device kind: 'file: PATH', 'memory: SIZE', "
+        "'table: [LINE, ...]' or 'luks: {file: PATH, passphrase_file: PATH}'",
     ),
     (
         "device-two-kinds",
@@ -551,7 +551,7 @@ ERRORS = [
         "device-unknown-key",
         SERVER + "devices:\n  mem:\n    memory: 1M\n    sparse: true\n" + EXPORTS,
         "6: devices.mem.sparse: unknown key "
-        "(allowed: file, size, memory, table, allow_overlap, inline_crypto)",
+        "(allowed: file, size, memory, table, luks, allow_overlap, inline_crypto)",
     ),
     (
         "memory-size",
@@ -571,7 +571,7 @@ ERRORS = [
     (
         "luks",
         SERVER + DEVICES + "  pool: {luks: mem}\n" + EXPORTS,
-        "6: devices.pool.luks: not supported yet (planned)",
+        "6: devices.pool.luks: expected a mapping, got a string 'mem'",
     ),
     (
         "inline-crypto-no-modes",

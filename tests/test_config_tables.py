@@ -383,13 +383,13 @@ ERRORS = [
         "unknown-key",
         HEAD + AB + "  t: {table: ['0 8 zero'], overlap: true}\n",
         "6: devices.t.overlap: unknown key "
-        "(allowed: file, size, memory, table, allow_overlap, inline_crypto)",
+        "(allowed: file, size, memory, table, luks, allow_overlap, inline_crypto)",
     ),
     (
         "no-kind",
         HEAD + AB + "  t: {allow_overlap: true}\n",
-        "6: devices.t: missing the device kind: 'file: PATH', 'memory: SIZE' or "
-        "'table: [LINE, ...]'",
+        "6: devices.t: missing the device kind: 'file: PATH', 'memory: SIZE', "
+        "'table: [LINE, ...]' or 'luks: {file: PATH, passphrase_file: PATH}'",
     ),
     # what the lines name
     (
