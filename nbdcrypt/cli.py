@@ -1,4 +1,4 @@
-"""The `nbdcrypt` command line: serve, check, ctl, luks."""
+"""The `nbdcrypt` command line: serve, check, ctl, luks, stress."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from nbdcrypt.luks.cli import add_parser as add_luks_parser
 from nbdcrypt.luks.cli import check_lines as luks_check_lines
 from nbdcrypt.server import heap, systemd
 from nbdcrypt.server.app import Server
+from nbdcrypt.stress.cli import add_parser as add_stress_parser
 from nbdcrypt.tls import TlsFileError, check_credentials
 
 log = logging.getLogger("nbdcrypt")
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_check)
     add_ctl_parser(sub)
     add_luks_parser(sub)
+    add_stress_parser(sub)
     return parser
 
 
