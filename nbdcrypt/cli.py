@@ -130,15 +130,22 @@ def _serve(args: argparse.Namespace) -> int:
     )
     activated = systemd.activated_sockets()  # read first: they are ours only until a fork
     notifier = systemd.Notifier()
-    config = load_config(args.config, listen_override=args.listen, listen_required=not activated)
-    heap.keep_freed_memory()
-    if args.control is not None:
-        config = dataclasses.replace(
-            config, server=dataclasses.replace(config.server, control=args.control)
+
+    def read_config() -> Config:
+        """The config file with the command line's overrides: at startup and at each reload."""
+        config = load_config(
+            args.config, listen_override=args.listen, listen_required=not activated
         )
+        if args.control is None:
+            return config
+        server = dataclasses.replace(config.server, control=args.control)
+        return dataclasses.replace(config, server=server)
+
+    config = read_config()
+    heap.keep_freed_memory()
 
     async def run() -> int:
-        server = Server(config, activated=activated, notifier=notifier)
+        server = Server(config, activated=activated, notifier=notifier, reread=read_config)
         try:
             await server.serve_until_stopped()
         except OSError as exc:

@@ -121,6 +121,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="evict key ID from every inline engine (fails with EBUSY while it is in use)",
     )
     evict.add_argument("key", metavar="ID", help="the key's name in the config's keys:")
+    cmds.add_parser(
+        "reload",
+        help="re-read the server's config file and apply it (as SIGHUP does); an error "
+        "leaves the running config untouched",
+    )
     ctl.set_defaults(func=run, ctl_parser=ctl, load_parser=load)
 
 

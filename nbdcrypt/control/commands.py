@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 
 from nbdcrypt.backends.file import FileDevice
 from nbdcrypt.backends.memory import MemoryDevice
@@ -84,8 +84,10 @@ class Controller:
         devices: Mapping[str, Device],
         keys: Mapping[str, CryptoKey] | None = None,
         key_users: KeyUsers | None = None,
+        reload: Callable[[], Awaitable[str]] | None = None,
     ) -> None:
         self.devices = devices
+        self.reload = reload  # the server's config reload, for `ctl reload`
         self.keys = keys if keys is not None else {}  # the keyring, by key ID
         self.key_users = key_users if key_users is not None else KeyUsers()
         self._locks: dict[str, asyncio.Lock] = {}
@@ -99,6 +101,10 @@ class Controller:
             return self._each_mapped(req.device, lambda d: _table_lines(d, req.inactive))
         if req.command == "info":
             return self.info(req.device)
+        if req.command == "reload":
+            if self.reload is None:
+                raise ControlError("reload: this server cannot reload its configuration")
+            return await self.reload()
         if req.command == "evict-key":
             assert req.key is not None  # the protocol requires it
             return await self.evict_key(req.key)

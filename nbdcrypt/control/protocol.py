@@ -40,6 +40,7 @@ COMMANDS: dict[str, CommandSpec] = {
     "resume": CommandSpec(required=("device",)),
     "clear": CommandSpec(required=("device",)),
     "evict-key": CommandSpec(required=("key",)),
+    "reload": CommandSpec(),
 }
 
 

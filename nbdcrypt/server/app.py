@@ -8,13 +8,16 @@ then every device is flushed to stable storage and closed. Exit status 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import logging
 import os
 import signal
 import socket
 import ssl
 import stat
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from nbdcrypt.backends.file import FileDevice
@@ -22,6 +25,7 @@ from nbdcrypt.backends.memory import MemoryDevice
 from nbdcrypt.blkcrypto.engine import InlineCryptoDevice
 from nbdcrypt.blkcrypto.key import CryptoKey
 from nbdcrypt.clients import ExportAccess
+from nbdcrypt.config.loader import ConfigError
 from nbdcrypt.config.model import (
     ClientRule,
     Config,
@@ -37,16 +41,18 @@ from nbdcrypt.config.model import (
     TlsConfig,
     TlsMode,
 )
-from nbdcrypt.control.commands import Controller, resume_suspended
+from nbdcrypt.control.commands import ControlError, Controller, resume_suspended
 from nbdcrypt.control.server import ControlServer
 from nbdcrypt.device import Device
 from nbdcrypt.dm.device import MappedDevice
-from nbdcrypt.dm.table import Table
+from nbdcrypt.dm.table import Table, TableError
 from nbdcrypt.export import Export
 from nbdcrypt.keyring import load_key, wipe_keys
 from nbdcrypt.keyuse import KeyUsers
 from nbdcrypt.luks.device import LuksDevice, open_luks
 from nbdcrypt.server.connection import Connection
+from nbdcrypt.server.reload import ReloadError
+from nbdcrypt.server.reload import plan as reload_plan
 from nbdcrypt.server.systemd import ActivatedSocket, Notifier
 from nbdcrypt.tls import server_context
 
@@ -70,6 +76,21 @@ class ServerState:
     access: ExportAccess = field(init=False)  # the exports as each client may see them
 
     def __post_init__(self) -> None:
+        self.access = ExportAccess(self.exports, self.default_export, self.rules, self.keys)
+
+    def replace(
+        self,
+        *,
+        exports: dict[str, Export],
+        default_export: str | None,
+        limits: Limits,
+        tls: ssl.SSLContext | None,
+        tls_required: bool,
+        rules: tuple[ClientRule, ...] | None,
+    ) -> None:
+        """A reload: what new connections find from now on (open ones keep what they have)."""
+        self.exports, self.default_export, self.limits = exports, default_export, limits
+        self.tls, self.tls_required, self.rules = tls, tls_required, rules
         self.access = ExportAccess(self.exports, self.default_export, self.rules, self.keys)
 
     def next_serial(self) -> int:
@@ -107,6 +128,53 @@ def open_device(cfg: DeviceConfig, opened: dict[str, Device]) -> Device:
     raise TypeError(f"unknown device kind {type(cfg).__name__}")
 
 
+def _load_keys(config: Config, current: dict[str, CryptoKey]) -> dict[str, CryptoKey]:
+    """The keyring of `config` (LUKS volume keys come with their devices). A key whose
+    definition and bytes did not change stays the same object, so inline engines that hold it
+    keep it programmed across a reload."""
+    keys: dict[str, CryptoKey] = {}
+    for name, cfg in config.keys.items():
+        if isinstance(cfg.source, KeyLuks):
+            if name in current and name in config.devices:
+                keys[name] = current[name]  # its device stays open (or a reload refuses)
+            continue
+        key = load_key(cfg)
+        old = current.get(name)
+        if old is not None and _same_key(old, key):
+            key.wipe()
+            key = old
+        keys[name] = key
+    return keys
+
+
+def _same_key(a: CryptoKey, b: CryptoKey) -> bool:
+    return (a.mode, a.data_unit_size, a.dun_bytes) == (
+        b.mode,
+        b.data_unit_size,
+        b.dun_bytes,
+    ) and hmac.compare_digest(a.raw, b.raw)
+
+
+def _open_devices(
+    which: Mapping[str, DeviceConfig],
+    existing: Mapping[str, Device],
+    keys: dict[str, CryptoKey],
+) -> dict[str, Device]:
+    """Open the devices `which` names (in config order) over `existing`; LUKS volume keys join
+    `keys`. On an error the ones opened here are closed again."""
+    opened: dict[str, Device] = {}
+    try:
+        for name, cfg in which.items():
+            opened[name] = device = open_device(cfg, {**existing, **opened})
+            if isinstance(device, LuksDevice) and device.volume_key is not None:
+                keys[name] = device.volume_key
+    except BaseException:
+        for device in opened.values():
+            device.close()
+        raise
+    return opened
+
+
 def build_exports(
     config: Config, devices: dict[str, Device], keys: dict[str, CryptoKey]
 ) -> dict[str, Export]:
@@ -134,27 +202,25 @@ class Server:
         *,
         activated: Sequence[ActivatedSocket] = (),
         notifier: Notifier | None = None,
+        reread: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
+        self.reread = reread  # reads the config file again, as at startup (SIGHUP, ctl reload)
+        self._reloading = asyncio.Lock()
+        self._retired: list[Device] = []  # removed by a reload, closed once no client has them
+        self._retired_keys: list[CryptoKey] = []  # replaced by a reload, wiped at shutdown
         self.activated = list(activated)  # sockets from systemd: served instead of server.listen
         self.notifier = notifier if notifier is not None else Notifier({})
         self.devices: dict[str, Device] = {}
-        self._listeners: list[asyncio.Server] = []
+        self._listeners: dict[str, asyncio.Server] = {}  # by the listen address's text
         self._unix_paths: list[str] = []
         self._stop = asyncio.Event()
         self.control: ControlServer | None = None
         self.flush_failed = False  # the final flush failed: writes may not be durable
-        self.keys = {
-            name: load_key(key_cfg)
-            for name, key_cfg in config.keys.items()
-            if not isinstance(key_cfg.source, KeyLuks)  # added as its luks device opens
-        }
+        self.keys = _load_keys(config, {})
         tls_context = self._tls_context(config.server.tls)
         try:
-            for name, dev_cfg in config.devices.items():
-                self.devices[name] = device = open_device(dev_cfg, self.devices)
-                if isinstance(device, LuksDevice) and device.volume_key is not None:
-                    self.keys[name] = device.volume_key
+            self.devices.update(_open_devices(config.devices, self.devices, self.keys))
         except BaseException:
             self.close_devices()
             raise
@@ -167,6 +233,9 @@ class Server:
             tls_required=config.server.tls.mode is TlsMode.REQUIRE,
             rules=config.clients,
             keys=self.keys,
+        )
+        self.controller = Controller(
+            self.devices, self.keys, self.state.key_users, self._reload_for_ctl if reread else None
         )
 
     @staticmethod
@@ -185,19 +254,18 @@ class Server:
 
     async def start(self) -> None:
         if self.config.server.control is not None:  # first: ready for ctl once clients can come
-            controller = Controller(self.devices, self.keys, self.state.key_users)
-            control = ControlServer(controller, self.config.server.control)
+            control = ControlServer(self.controller, self.config.server.control)
             await control.start()
             self.control = control
         if self.activated:
             if self.config.server.listen:
                 log.info("socket activation: serving the inherited sockets, not server.listen")
             for inherited in self.activated:
-                self._listeners.append(await self._adopt(inherited))
+                self._listeners[inherited.label] = await self._adopt(inherited)
                 log.info("listening on %s (socket activation: %s)", inherited.label, inherited.name)
             return
         for address in self.config.server.listen:
-            self._listeners.append(await self._listen(address))
+            self._listeners[str(address)] = await self._listen(address)
             log.info("listening on %s", address)
 
     async def _adopt(self, inherited: ActivatedSocket) -> asyncio.Server:
@@ -236,7 +304,7 @@ class Server:
     def addresses(self) -> list[str]:
         """Where the server listens, with real port numbers (for port 0)."""
         found = []
-        for server in self._listeners:
+        for server in self._listeners.values():
             for sock in server.sockets:
                 name = sock.getsockname()
                 if isinstance(name, tuple):
@@ -252,6 +320,8 @@ class Server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        if self.reread is not None:
+            loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         await self.start()
         log.info("ready: %d export(s): %s", len(self.state.exports), ", ".join(self.state.exports))
         self.notifier.send("READY=1", f"STATUS=serving {len(self.state.exports)} export(s)")
@@ -259,6 +329,9 @@ class Server:
         await self._stop.wait()
         if watchdog is not None:
             watchdog.cancel()
+        if self.reread is not None:
+            loop.remove_signal_handler(signal.SIGHUP)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a late SIGHUP must not kill the exit
         self.notifier.send("STOPPING=1", "STATUS=shutting down")
         await self.shutdown()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -282,7 +355,7 @@ class Server:
 
     async def shutdown(self) -> None:
         log.info("shutting down: %d connection(s) open", len(self.state.connections))
-        for server in self._listeners:
+        for server in self._listeners.values():
             server.close()
         for path in self._unix_paths:
             _remove_stale_socket(path)
@@ -303,11 +376,11 @@ class Server:
                     conn.transport.abort()
         await self._flush_devices()
         self.close_devices()
-        wipe_keys(self.keys.values())
+        wipe_keys([*self.keys.values(), *self._retired_keys])
         log.info("stopped")
 
     async def _flush_devices(self) -> None:
-        for name, device in self.devices.items():
+        for name, device in [*self.devices.items(), *((d.name, d) for d in self._retired)]:
             try:
                 await device.flush()
             except OSError as exc:
@@ -315,8 +388,160 @@ class Server:
                 self.flush_failed = True
 
     def close_devices(self) -> None:
-        for device in self.devices.values():
+        for device in [*self.devices.values(), *self._retired]:
             device.close()
+        self._retired.clear()
+
+    # Reload -----------------------------------------------------------------------------------
+
+    def _reload_on_signal(self) -> None:
+        async def run() -> None:
+            with contextlib.suppress(ReloadError):  # logged; the running configuration stays
+                await self.reload()
+
+        asyncio.get_running_loop().create_task(run())
+
+    async def _reload_for_ctl(self) -> str:
+        try:
+            return await self.reload()
+        except ReloadError as exc:
+            raise ControlError(f"reload refused, the running configuration stays: {exc}") from None
+
+    async def reload(self) -> str:
+        """Read the config file again and apply it; ReloadError (logged) leaves all as it was.
+
+        New exports appear; removed ones refuse new clients while open connections go on with
+        the export they opened; changed tables go through load -> suspend -> resume with the
+        capability check; keys, client rules, limits, TLS and listen addresses are replaced
+        for new connections. See server/reload.py for what needs a restart.
+        """
+        assert self.reread is not None
+        async with self._reloading:
+            log.info("reloading %s", self.config.source)
+            usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
+            try:
+                summary = await self._reload()
+            except ReloadError as exc:
+                log.error("reload refused, the running configuration stays: %s", exc)
+                raise
+            finally:
+                self.notifier.send("READY=1", f"STATUS=serving {len(self.state.exports)} export(s)")
+            log.info("reloaded %s: %s", self.config.source, summary)
+            return f"reloaded {self.config.source}: {summary}"
+
+    async def _reload(self) -> str:
+        assert self.reread is not None
+        old = self.config
+        try:
+            new = self.reread()
+        except (ConfigError, OSError, ValueError) as exc:  # ConfigError names file:line
+            raise ReloadError(str(exc)) from None
+        change = reload_plan(old, new, socket_activated=bool(self.activated))
+        try:
+            keys = _load_keys(new, self.keys)
+            tls = self._tls_context(new.server.tls)
+        except (OSError, ValueError) as exc:  # KeyFileError, TlsFileError
+            raise ReloadError(str(exc)) from None
+        added = {name: new.devices[name] for name in change.added}
+        listeners: dict[str, asyncio.Server] = {}
+        staged: list[MappedDevice] = []
+        opened: dict[str, Device] = {}
+        try:
+            opened = _open_devices(added, self.devices, keys)
+            staged = self._stage_tables(new, change.retabled, {**self.devices, **opened})
+            for address in change.listen_added:
+                listeners[str(address)] = await self._listen(address)
+        except (OSError, ValueError) as exc:  # a device, a table, a listen address
+            for server in listeners.values():
+                server.close()
+            for dev in staged:
+                dev.clear()
+            for device in opened.values():
+                device.close()
+            raise ReloadError(str(exc)) from None
+        # Nothing below refuses: the new configuration takes over.
+        self.devices.update(opened)
+        for dev in staged:
+            await self.controller.resume(dev.name)
+        self._retire_devices(change.removed)
+        self._replace_keys(keys)
+        self._replace_listeners(listeners, change.listen_removed)
+        self.config = new
+        default = new.default_export
+        self.state.replace(
+            exports=build_exports(new, self.devices, self.keys),
+            default_export=default.name if default else None,
+            limits=new.server.limits,
+            tls=tls,
+            tls_required=new.server.tls.mode is TlsMode.REQUIRE,
+            rules=new.clients,
+        )
+        return change.summary(old, new)
+
+    def _stage_tables(
+        self, new: Config, names: Sequence[str], devices: dict[str, Device]
+    ) -> list[MappedDevice]:
+        """Load each changed table as its device's inactive table (the capability check runs
+        here); all or none: a failure clears the ones already staged."""
+        staged: list[MappedDevice] = []
+        try:
+            for name in names:
+                cfg, dev = new.devices[name], self.devices[name]
+                assert isinstance(cfg, TableDeviceConfig) and isinstance(dev, MappedDevice)
+                dev.load(Table.build(cfg.lines, devices))
+                staged.append(dev)
+                if dev.inactive is not None and dev.inactive.size < dev.size and dev.openers:
+                    raise TableError(
+                        f"device {name}: the new table is smaller than the live one and "
+                        f"{dev.openers} client(s) have it open"
+                    )
+        except BaseException:
+            for dev in staged:
+                dev.clear()
+            raise
+        return staged
+
+    def _retire_devices(self, names: Sequence[str]) -> None:
+        """Devices gone from the config: closed now if nobody has them open, else later."""
+        for name in names:
+            self._retired.append(self.devices.pop(name))
+        self._close_idle_retired()
+
+    def _close_idle_retired(self) -> None:
+        users = {d for dev in self.devices.values() if isinstance(dev, MappedDevice)
+                 for d in dev.lower}  # fmt: skip
+        still = []
+        for device in self._retired:
+            if device.openers or device in users:
+                still.append(device)
+            else:
+                device.close()
+                log.info("device %s closed (removed from the config)", device.name)
+        self._retired = still
+
+    def _replace_keys(self, keys: dict[str, CryptoKey]) -> None:
+        """The keyring becomes `keys`; keys no longer in it are wiped at shutdown (open
+        connections may still use them until they close)."""
+        kept = {id(k) for k in keys.values()}
+        self._retired_keys += [k for k in self.keys.values() if id(k) not in kept]
+        self.keys.clear()
+        self.keys.update(keys)  # the same dict the controller and the state hold
+
+    def _replace_listeners(
+        self, added: dict[str, asyncio.Server], removed: Sequence[ListenAddress]
+    ) -> None:
+        for address in removed:
+            server = self._listeners.pop(str(address), None)
+            if server is not None:
+                server.close()
+                if address.path is not None:
+                    _remove_stale_socket(str(address.path))
+                    self._unix_paths = [p for p in self._unix_paths if p != str(address.path)]
+                log.info("stopped listening on %s", address)
+        for label, server in added.items():
+            self._listeners[label] = server
+            log.info("listening on %s", label)
 
 
 def _remove_stale_socket(path: str) -> None:
