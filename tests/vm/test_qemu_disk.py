@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import StartServer, require_tool, run
+from tlscerts import SUBJECTS, Pki
 
 from vm.guest import GuestImage, GuestResult, boot, ensure_guest
 from vm.test_kernel_client import (
@@ -81,3 +82,34 @@ def test_encrypted_export_as_a_vm_disk_over_a_unix_socket(
     raw = (tmp_path / "disk0.img").read_bytes()
     assert PATTERN[:4096] not in raw, "plaintext of the pattern in the backing file"
     assert EXT4_FILES["hello.txt"] not in raw, "plaintext of a file in the backing file"
+
+
+def test_export_as_a_vm_disk_over_tls(
+    guest: GuestImage, start_server: StartServer, pki: Pki, tmp_path: Path
+) -> None:
+    """QEMU's NBD client with `--object tls-creds-x509` against a server that requires TLS and
+    a client certificate; the export has a key, so this is TLS on the wire and XTS on disk."""
+    tls = (
+        f"server:\n  tls: {{mode: require, certificate: {pki.server_cert}, "
+        f"private_key: {pki.server_key}, ca: {pki.ca_cert}}}\n"
+    )
+    server = start_server(tls + ENCRYPTED_CONFIG)
+    drive = [
+        "-object", f"tls-creds-x509,id=tls0,dir={pki.clients['alice']},endpoint=client",
+        "-blockdev",
+        "driver=nbd,node-name=disk0,cache.direct=on,server.type=inet,server.host=127.0.0.1,"
+        f"server.port={server.port},export=vmdisk,tls-creds=tls0",
+        "-device", "virtio-blk-pci,drive=disk0,logical_block_size=4096,physical_block_size=4096",
+    ]  # fmt: skip
+    result = boot_on_disk(guest, tmp_path, drive, server.log)
+    log = server.log
+    assert "TLSv1.3 established: 127.0.0.1" in log, log[-3000:]
+    assert SUBJECTS["alice"] in log
+    check_guest_report(result)
+    plain = tmp_path / "plain.img"
+    uri = f"nbds://127.0.0.1:{server.port}/vmdisk?tls-certificates={pki.clients['alice']}"
+    run([require_tool("nbdcopy"), uri, str(plain)], timeout=300)
+    assert server.stop() == 0, log[-5000:]
+    check_backing_file(plain, result)
+    raw = (tmp_path / "disk0.img").read_bytes()
+    assert PATTERN[:4096] not in raw, "plaintext of the pattern in the backing file"
