@@ -201,7 +201,8 @@ def test_ctl_usage_errors_exit_2(tmp_path: Path) -> None:
 
 def test_ls_status_table_info(ctl: Ctl) -> None:
     assert ctl.ok("ls") == "a     file\nb     file\npool  table\n"
-    assert ctl.ok("status") == "pool: 0 32768 linear\n"
+    crypto = "a: crypto: none\nb: crypto: none\npool: crypto: none\n"
+    assert ctl.ok("status") == "pool: 0 32768 linear\n" + crypto
     assert ctl.ok("status", "pool") == "0 32768 linear\n"
     assert ctl.ok("table") == "pool: 0 32768 linear a 0\n"
     assert ctl.ok("table", "pool") == "0 32768 linear a 0\n"
@@ -254,7 +255,7 @@ def test_load_resume_clear_and_what_each_shows(ctl: Ctl, tmp_path: Path) -> None
         "pool: resumed with the new table, 32768 sectors (16777216 bytes)\n"
     )
     assert ctl.ok("table", "pool") == "0 16384 linear a 0\n16384 16384 linear b 0\n"
-    assert ctl.ok("status") == "pool: 0 16384 linear\npool: 16384 16384 linear\n"
+    assert ctl.ok("status").startswith("pool: 0 16384 linear\npool: 16384 16384 linear\na: crypto")
     assert "Devices below:    a, b\n" in ctl.ok("info", "pool")
     assert "Used by:          pool\n" in ctl.ok("info", "b")
     assert ctl.ok("resume", "pool") == (
@@ -353,7 +354,7 @@ def test_protocol_errors_keep_the_connection(ctl: Ctl) -> None:
         "malformed request: expected a JSON object, got a list",
         "malformed request: missing 'command'",
         "malformed request: 'command' must be a string, not a number",
-        "unknown command 'frob' (known: clear, evict-key, info, load, ls, resume, status, "
+        "unknown command 'frob' (known: clear, evict-key, info, load, ls, reload, resume, status, "
         "suspend, table)",
         "load: missing argument 'table'",
         "ls: unexpected argument 'device'",
@@ -693,3 +694,42 @@ async def test_an_inactive_table_counts_for_loops_and_ends(tmp_path: Path) -> No
     ):
         await ctl.execute(ControlRequest("resume", "pool"))
     assert devices["pool"].size == 16 * MiB
+
+
+CRYPTO_CONFIG = """\
+keys:
+  k4: {mode: aes-256-xts, data_unit_size: 4096, source: {file: k4.key, create: true}}
+  k5: {mode: aes-256-xts, data_unit_size: 512, source: {file: k5.key, create: true}}
+devices:
+  disk:
+    file: disk.img
+    size: 8M
+    inline_crypto: {keyslots: 2, modes: {aes-256-xts: [4096]}, max_dun_bytes: 8}
+  raw:
+    memory: 8M
+    inline_crypto: {keyslots: 0, modes: {aes-256-xts: [512, 4096]}, max_dun_bytes: 4}
+  top: {table: ["0 16384 linear disk 0"]}
+exports:
+  inline: {device: top, key: k4}
+  soft: {device: top, key: k5}
+  plain: {device: raw}
+"""
+
+
+def test_status_shows_every_profile_and_inline_or_fallback(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    ctl = start_ctl(start_server, tmp_path, CRYPTO_CONFIG)
+    assert ctl.ok("status").splitlines() == [
+        "top: 0 16384 linear",
+        "disk: crypto: aes-256-xts [4096]; DUN up to 8 bytes; 2 keyslots",
+        "raw: crypto: aes-256-xts [512 4096]; DUN up to 4 bytes; no keyslots (raw keys)",
+        "top: crypto: aes-256-xts [4096]; DUN up to 8 bytes (passthrough)",
+        "export inline: key k4 (aes-256-xts, 4096-byte data units): inline",
+        "export soft: key k5 (aes-256-xts, 512-byte data units): "
+        "blk-crypto fallback (software, at the export)",
+    ]
+    assert ctl.ok("status", "raw") == (
+        "crypto: aes-256-xts [512 4096]; DUN up to 4 bytes; no keyslots (raw keys)\n"
+    )
+    assert ctl.ok("status", "top") == "0 16384 linear\n"  # dmsetup's status lines only

@@ -52,6 +52,21 @@ def device_kind(device: Device) -> str:
     return type(device).__name__
 
 
+def crypto_status(dev: Device) -> str:
+    """One line: the device's inline-crypto profile and where it comes from."""
+    profile = dev.crypto_caps.describe()
+    if isinstance(dev, InlineCryptoDevice):
+        slots = (
+            "no keyslots (raw keys)"
+            if dev.keyslots is None
+            else f"{dev.keyslots.num_slots} keyslots"
+        )
+        return f"{profile}; {slots}"
+    if isinstance(dev, MappedDevice):
+        return f"{profile} (passthrough)" if dev.crypto_caps else profile
+    return profile
+
+
 def _crypto_rows(dev: Device) -> list[tuple[str, str]]:
     """Inline-crypto profile, keyslot counters and fallback bytes of a device."""
     kind = "passthrough" if isinstance(dev, MappedDevice) else "engine"
@@ -85,8 +100,10 @@ class Controller:
         keys: Mapping[str, CryptoKey] | None = None,
         key_users: KeyUsers | None = None,
         reload: Callable[[], Awaitable[str]] | None = None,
+        export_keys: Callable[[], list[str]] | None = None,
     ) -> None:
         self.devices = devices
+        self.export_keys = export_keys  # `ctl status`: each export's keys, inline or fallback
         self.reload = reload  # the server's config reload, for `ctl reload`
         self.keys = keys if keys is not None else {}  # the keyring, by key ID
         self.key_users = key_users if key_users is not None else KeyUsers()
@@ -96,7 +113,7 @@ class Controller:
         if req.command == "ls":
             return self.ls()
         if req.command == "status":
-            return self._each_mapped(req.device, MappedDevice.status)
+            return self.status(req.device)
         if req.command == "table":
             return self._each_mapped(req.device, lambda d: _table_lines(d, req.inactive))
         if req.command == "info":
@@ -127,6 +144,20 @@ class Controller:
         return "\n".join(
             f"{name:<{width}}  {device_kind(dev)}" for name, dev in self.devices.items()
         )
+
+    def status(self, name: str | None) -> str:
+        """`dmsetup status` lines of the table devices, then every device's inline-crypto
+        profile and, for the exports with keys, whether each key is inline or the fallback.
+        With a table device: its status lines only; with another device: its profile."""
+        if name is not None:  # a table device: its dmsetup status lines only, as scripts expect
+            dev = self.device(name)
+            if isinstance(dev, MappedDevice):
+                return "\n".join(dev.status())
+            return f"crypto: {crypto_status(dev)}"
+        tables = self._each_mapped(None, MappedDevice.status)
+        crypto = [f"{n}: crypto: {crypto_status(d)}" for n, d in self.devices.items()]
+        exports = self.export_keys() if self.export_keys is not None else []
+        return "\n".join(line for line in (tables, *crypto, *exports) if line)
 
     def info(self, name: str | None) -> str:
         names = [name] if name is not None else list(self.devices)

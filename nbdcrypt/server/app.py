@@ -235,7 +235,11 @@ class Server:
             keys=self.keys,
         )
         self.controller = Controller(
-            self.devices, self.keys, self.state.key_users, self._reload_for_ctl if reread else None
+            self.devices,
+            self.keys,
+            self.state.key_users,
+            self._reload_for_ctl if reread else None,
+            self._export_keys,
         )
 
     @staticmethod
@@ -251,6 +255,26 @@ class Server:
             cfg.client_certificate.value,
         )
         return context
+
+    def _export_keys(self) -> list[str]:
+        """`ctl status`: per export, each key its connections may carry, inline or fallback."""
+        state, lines = self.state, []
+        for name, export in state.exports.items():
+            keys = [export.key] if export.key is not None else []
+            if export.per_client_key:
+                keys += [
+                    state.keys[rule.key]
+                    for rule in state.rules or ()
+                    if rule.key is not None and name in rule.exports and rule.key in state.keys
+                ]
+            for key in dict.fromkeys(keys):
+                inline = export.device.crypto_caps.supports(key)
+                path = "inline" if inline else "blk-crypto fallback (software, at the export)"
+                lines.append(
+                    f"export {name}: key {key.key_id} ({key.mode.value}, "
+                    f"{key.data_unit_size}-byte data units): {path}"
+                )
+        return lines
 
     async def start(self) -> None:
         if self.config.server.control is not None:  # first: ready for ctl once clients can come
