@@ -18,6 +18,17 @@ from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
+from nbdcrypt.metrics.counters import (
+    PACK,
+    ROW_BITS,
+    SHIFT,
+    ExportCounters,
+    command_slot,
+    identity_class,
+    new_histogram,
+    record,
+    requests_in,
+)
 from nbdcrypt.nbd import handshake as hs
 from nbdcrypt.nbd.constants import (
     STATE_ZERO,
@@ -107,7 +118,13 @@ class Connection(asyncio.BufferedProtocol):
         # (likely large too) goes straight into its own buffer instead of through _read_view.
         self._header_only = False
         self._header_view = self._read_view[:REQUEST_SIZE]
-        self.requests = 0
+        self.latency = new_histogram()  # requests that finished at once (metrics/counters.py)
+        self._late = 0  # requests that finished in a task (counted in the export's histogram)
+        self._counters: ExportCounters | None = None  # the export's, from transmission on
+        self._attached = False  # its counts are read from here (until closed and idle)
+        self._counted = False  # in the connections total (once its identity is settled)
+        self._aborted = False  # the client ended the handshake with NBD_OPT_ABORT
+        self._refused: str | None = None  # the handshake's last refusal, for the metrics
         self.bytes_read = 0
         self.bytes_written = 0
         self.over_limit = False
@@ -209,6 +226,10 @@ class Connection(asyncio.BufferedProtocol):
         else:
             log.debug("%s: closed during the handshake%s", self.peer, f" ({exc})" if exc else "")
         self._close_when_idle()  # leaves the key context now, or after the last request
+        # The handlers are bound methods: a reference cycle that kept every closed connection,
+        # and the payload buffers it held, alive until the cyclic GC ran (hundreds of MiB with
+        # clients that vanish mid-write). Requests still running need them no more.
+        self._handlers = {}
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -634,8 +655,12 @@ class Connection(asyncio.BufferedProtocol):
         if self._queue and room and not self._writing_paused and self._batch is None:
             self._run_queue()
             return
+        # A partly received payload alone never stops reading: it is at most MAX_PAYLOAD, and
+        # only its rest completes it. Stopping there deadlocked a WRITE larger than the cap, and
+        # a connection that reads nothing never sees its client go (it leaked its buffers).
         held = self._held + self._parser.pending_payload
-        pause = bool(self._queue) or self._writing_paused or held >= self._cap
+        over = held >= self._cap and self._held > 0
+        pause = bool(self._queue) or self._writing_paused or over
         if pause and not self._reading_paused:
             self._reading_paused = True
             self._transport.pause_reading()

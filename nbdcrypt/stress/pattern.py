@@ -56,17 +56,16 @@ def describe(
     run: int, data: bytes | bytearray | memoryview, offset: int, at: int, clients: int = 4096
 ) -> str:
     """Whose data the 8-byte word holding export offset `at` looks like, in `data` read from
-    `offset` by a run of `clients` clients: 'zeroes', 'client 3 op #57', ..., or '' when the
-    word is not all there."""
+    `offset` by a run of `clients` clients: 'zeroes', 'bytes of 0xee', 'client 3 op #57', ...,
+    or '' when the word is not all there and the bytes there say nothing."""
     start = at - at % WORD
     rel = start - offset
-    if rel < 0 or rel + WORD > len(data):
+    whole = rel >= 0 and rel + WORD <= len(data)
+    raw = bytes(data[rel : rel + WORD] if whole else data[at - offset : at - offset + WORD])
+    if raw and raw == raw[:1] * len(raw):
+        return "zeroes" if raw[0] == 0 else f"bytes of {raw[0]:#04x}"
+    if not whole:
         return ""
-    raw = bytes(data[rel : rel + WORD])
-    if raw == bytes(WORD):
-        return "zeroes"
-    if raw == raw[:1] * WORD:
-        return f"bytes of {raw[0]:#04x}"
     word = int.from_bytes(raw, "big")
     client = word >> 44 & _CLIENT_MASK
     if word >> 56 != run or client >= clients:
