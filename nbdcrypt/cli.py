@@ -11,7 +11,7 @@ from pathlib import Path
 
 import uvloop
 
-from nbdcrypt import __version__
+from nbdcrypt import __version__, logformat
 from nbdcrypt.backends.file import BackingFileError
 from nbdcrypt.blkcrypto.profile import CryptoCaps
 from nbdcrypt.clients import describe_rule
@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", help="default: %(default)s"
     )
+    serve.add_argument(
+        "--log-format",
+        choices=logformat.FORMATS,
+        default="text",
+        help="text, or json: one JSON object per line (default: %(default)s)",
+    )
     serve.set_defaults(func=_serve)
 
     check = sub.add_parser(
@@ -91,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", required=True, type=Path, metavar="FILE")
+    parser.add_argument(
+        "-c", "--config", required=True, type=Path, metavar="FILE", help="the YAML config file"
+    )
     parser.add_argument("--version", action="version", version=f"nbdcrypt {__version__}")
 
 
@@ -123,11 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logformat.configure(args.log_level, args.log_format, sys.stderr)
     activated = systemd.activated_sockets()  # read first: they are ours only until a fork
     notifier = systemd.Notifier()
 

@@ -381,7 +381,7 @@ ERRORS = [
     (
         "server-unknown",
         "server:\n  listen: tcp://h\n  port: 1\n" + DEVICES + EXPORTS,
-        "3: server.port: unknown key (allowed: listen, limits, tls, control)",
+        "3: server.port: unknown key (allowed: listen, limits, tls, control, metrics)",
     ),
     (
         "missing-listen",
@@ -426,7 +426,7 @@ ERRORS = [
     (
         "metrics",
         SERVER + "  metrics: {}\n" + DEVICES + EXPORTS,
-        "3: server.metrics: not supported yet (planned)",
+        "3: server.metrics: expected a string, got a mapping",
     ),
     (
         "tls-require",

@@ -541,14 +541,45 @@ def _server(
         if not override and listen_required:
             top.require("server", why)
         return ServerConfig(override)
-    fields = item.fields(("listen", "limits", "tls", "control"), planned=("metrics",))
+    fields = item.fields(("listen", "limits", "tls", "control", "metrics"))
     tls = fields.opt("tls", _tls, TlsConfig())
     no_listen: tuple[ListenAddress, ...] = ()
     listen = fields.opt("listen", _listen, no_listen)
     if not override and listen_required:
         fields.require("listen", why)
     control = fields.opt("control", _control, None)
-    return ServerConfig(override or listen, _limits(fields.get("limits")), control, tls)
+    metrics = _metrics_apart(fields.get("metrics"), override or listen, control)
+    return ServerConfig(
+        override or listen, _limits(fields.get("limits")), control, tls, metrics=metrics
+    )
+
+
+def _metrics(item: _Item) -> ListenAddress:
+    """`metrics: HOST:PORT` (or tcp://HOST:PORT, [IPV6]:PORT, unix:///PATH): where Prometheus
+    scrapes. The port must be given: NBD's default port would be the wrong one."""
+    text = item.string()
+    url = text if "://" in text else f"tcp://{text}"
+    address = item.convert(lambda u: parse_listen(u, base=item.src.base), url)
+    if address.scheme == "tcp" and not re.search(r":[0-9]+\Z", text):
+        item.fail(
+            f"missing port in {_short(text)}: expected HOST:PORT (127.0.0.1:10810), "
+            "tcp://HOST:PORT or unix:///PATH"
+        )
+    return address
+
+
+def _metrics_apart(
+    item: _Item | None, listen: tuple[ListenAddress, ...], control: Path | None
+) -> ListenAddress | None:
+    """`server.metrics`, checked against the NBD listen addresses and the control socket."""
+    if item is None:
+        return None
+    address = _metrics(item)
+    if address in listen:
+        item.fail(f"{address} is also an NBD listen address; metrics need their own")
+    if address.path is not None and address.path == control:
+        item.fail(f"{address.path} is also the control socket; metrics need their own")
+    return address
 
 
 def _control(item: _Item) -> Path:

@@ -80,6 +80,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     control: Path | None = None  # the control socket `nbdcrypt ctl` talks to (unix, 0600)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    metrics: ListenAddress | None = None  # where Prometheus scrapes GET /metrics (tcp or unix)
 
 
 @dataclass(frozen=True, slots=True)

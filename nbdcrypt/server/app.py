@@ -20,6 +20,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import CollectorRegistry
+
 from nbdcrypt.backends.file import FileDevice
 from nbdcrypt.backends.memory import MemoryDevice
 from nbdcrypt.blkcrypto.engine import InlineCryptoDevice
@@ -50,6 +53,9 @@ from nbdcrypt.export import Export
 from nbdcrypt.keyring import load_key, wipe_keys
 from nbdcrypt.keyuse import KeyUsers
 from nbdcrypt.luks.device import LuksDevice, open_luks
+from nbdcrypt.metrics.collector import ServerCollector
+from nbdcrypt.metrics.counters import Counters
+from nbdcrypt.metrics.endpoint import MetricsEndpoint
 from nbdcrypt.server.connection import Connection
 from nbdcrypt.server.reload import ReloadError
 from nbdcrypt.server.reload import plan as reload_plan
@@ -73,6 +79,7 @@ class ServerState:
     rules: tuple[ClientRule, ...] | None = None  # `clients:`; None: anyone opens any export
     keys: dict[str, CryptoKey] = field(default_factory=dict)  # the keyring, by key ID
     key_users: KeyUsers = field(default_factory=KeyUsers)  # who uses which key (eviction)
+    counters: Counters = field(default_factory=Counters)  # the metrics' counters, by export name
     access: ExportAccess = field(init=False)  # the exports as each client may see them
 
     def __post_init__(self) -> None:
@@ -241,6 +248,9 @@ class Server:
             self._reload_for_ctl if reread else None,
             self._export_keys,
         )
+        self.state.counters.configure(self.state.exports)
+        self.metrics_registry = self._metrics_registry()
+        self.metrics: MetricsEndpoint | None = None  # serving server.metrics once started
 
     @staticmethod
     def _tls_context(cfg: TlsConfig) -> ssl.SSLContext | None:
@@ -276,11 +286,29 @@ class Server:
                 )
         return lines
 
+    def _metrics_registry(self) -> CollectorRegistry:
+        """This server's own registry (never prometheus-client's global one): its counters,
+        devices and connections, and the process's CPU, memory and file descriptors."""
+        registry = CollectorRegistry()
+        registry.register(
+            ServerCollector(
+                self.state.counters,
+                devices=self.devices.values,  # the same dict across reloads
+                connections=lambda: self.state.connections,
+            )
+        )
+        ProcessCollector(registry=registry)
+        return registry
+
     async def start(self) -> None:
         if self.config.server.control is not None:  # first: ready for ctl once clients can come
             control = ControlServer(self.controller, self.config.server.control)
             await control.start()
             self.control = control
+        if self.config.server.metrics is not None:
+            metrics = MetricsEndpoint(self.metrics_registry, self.config.server.metrics)
+            await metrics.start()
+            self.metrics = metrics
         if self.activated:
             if self.config.server.listen:
                 log.info("socket activation: serving the inherited sockets, not server.listen")
@@ -401,6 +429,8 @@ class Server:
         await self._flush_devices()
         self.close_devices()
         wipe_keys([*self.keys.values(), *self._retired_keys])
+        if self.metrics is not None:  # last: scrapes see the connections drain
+            await self.metrics.close()
         log.info("stopped")
 
     async def _flush_devices(self) -> None:
@@ -471,11 +501,13 @@ class Server:
         listeners: dict[str, asyncio.Server] = {}
         staged: list[MappedDevice] = []
         opened: dict[str, Device] = {}
+        metrics: MetricsEndpoint | None = None  # a new server.metrics address, listening
         try:
             opened = _open_devices(added, self.devices, keys)
             staged = self._stage_tables(new, change.retabled, {**self.devices, **opened})
             for address in change.listen_added:
                 listeners[str(address)] = await self._listen(address)
+            metrics = await self._metrics_moved(new)
         except (OSError, ValueError) as exc:  # a device, a table, a listen address
             for server in listeners.values():
                 server.close()
@@ -491,6 +523,10 @@ class Server:
         self._retire_devices(change.removed)
         self._replace_keys(keys)
         self._replace_listeners(listeners, change.listen_removed)
+        if new.server.metrics != old.server.metrics:
+            if self.metrics is not None:
+                await self.metrics.close()
+            self.metrics = metrics
         self.config = new
         default = new.default_export
         self.state.replace(
@@ -501,7 +537,18 @@ class Server:
             tls_required=new.server.tls.mode is TlsMode.REQUIRE,
             rules=new.clients,
         )
+        self.state.counters.configure(self.state.exports)  # counters stay, keyed by name
         return change.summary(old, new)
+
+    async def _metrics_moved(self, new: Config) -> MetricsEndpoint | None:
+        """A reload that changes server.metrics: the new endpoint, listening (the old one
+        closes once the reload cannot fail any more); None if it is unchanged or removed."""
+        address = new.server.metrics
+        if address is None or address == self.config.server.metrics:
+            return None
+        metrics = MetricsEndpoint(self.metrics_registry, address)
+        await metrics.start()
+        return metrics
 
     def _stage_tables(
         self, new: Config, names: Sequence[str], devices: dict[str, Device]

@@ -205,11 +205,17 @@ class Connection(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
         self.state.unregister(self)
+        self._count_connection()
         if self._parser is not None and self.view is not None:
             self.view.export.device.openers -= 1
+        elif not self._aborted:
+            failures = self.state.counters.connections.handshake_failures
+            failures[self._refused or "disconnected"] += 1
         if not self._closed.done():
             self._closed.set_result(None)
         if self.view is not None:
+            seconds = time.monotonic() - self._opened
+            requests = self.requests
             log.info(
                 "%s: %s closed export %r (%s) after %.1fs: %d requests, %d bytes read, "
                 "%d written%s",
@@ -217,11 +223,20 @@ class Connection(asyncio.BufferedProtocol):
                 self.identity.describe(),
                 self.view.name,
                 _key_label(self.view),
-                time.monotonic() - self._opened,
-                self.requests,
+                seconds,
+                requests,
                 self.bytes_read,
                 self.bytes_written,
                 f" ({exc})" if exc else "",
+                extra=self._log_fields(
+                    self.view,
+                    "close",
+                    seconds=round(seconds, 3),
+                    requests=requests,
+                    bytes_read=self.bytes_read,
+                    bytes_written=self.bytes_written,
+                    reason=str(exc) if exc else None,
+                ),
             )
         else:
             log.debug("%s: closed during the handshake%s", self.peer, f" ({exc})" if exc else "")
@@ -266,11 +281,16 @@ class Connection(asyncio.BufferedProtocol):
         self, machine: hs.ServerHandshake, event: object
     ) -> hs.TransmissionStarted | None:
         if isinstance(event, hs.ProtocolError):
+            self._refused = "protocol"
             log.info("%s: handshake refused: %s", self.peer, event.reason)
             return None
-        if isinstance(event, hs.OptionAnswered | hs.Aborted):
+        if isinstance(event, hs.Aborted):
+            self._aborted = True
+            return None
+        if isinstance(event, hs.OptionAnswered):
             return None
         if self.over_limit or self._shutting_down:
+            self._refused = "shutdown" if self._shutting_down else "limit"
             why = "the server is shutting down" if self._shutting_down else "too many connections"
             rep = Rep.ERR_SHUTDOWN if self._shutting_down else Rep.ERR_POLICY
             machine.reply_error(rep, why)
@@ -305,7 +325,10 @@ class Connection(asyncio.BufferedProtocol):
         """This client's view of export `name` (its key context), or None: no such export, or
         none its client rule grants (answered alike: other tenants' exports stay unseen)."""
         view = self.state.access.open(self.identity, name)
+        if view is None:
+            self._refused = "unknown_export"
         if view is None and self.state.access.find(name) is not None:
+            self._refused = "denied"
             who = self.identity.describe()
             log.info("%s: %s may not open %r: no client rule grants it", self.peer, who, name)
         return view
@@ -346,6 +369,10 @@ class Connection(asyncio.BufferedProtocol):
         view.export.device.openers += 1
         self.state.key_users.join(view, self)
         self._key_view = view
+        self._counters = self.state.counters.export(view.name)
+        self._counters.attach(self)
+        self._attached = True
+        self._count_connection()
         # Holes are worth looking for only where they read as zeroes: not through a key.
         sparse = neg.structured_replies and view.sparse_reads
         self._sparse_read_min = SPARSE_READ_MIN if sparse else 1 << 64
@@ -369,6 +396,7 @@ class Connection(asyncio.BufferedProtocol):
             view.size,
             ", structured replies" if neg.structured_replies else "",
             ", base:allocation" if neg.base_allocation else "",
+            extra=self._log_fields(view, "open", readonly=view.readonly, size=view.size),
         )
         if started.trailing:
             self.data_received(started.trailing)
@@ -409,6 +437,7 @@ class Connection(asyncio.BufferedProtocol):
                 raise ConnectionError("the connection closed during the TLS handshake")
             subject, sans = peer_names(tls.getpeercert(binary_form=True))
         except Exception as exc:  # the client's fault or its network's: one line, then close
+            self._refused = "tls"
             log.info("%s: TLS handshake failed: %s", self.peer, describe_tls_error(exc))
             raw.abort()
             self.connection_lost(None)
@@ -430,6 +459,7 @@ class Connection(asyncio.BufferedProtocol):
     def _handshake_expired(self) -> None:
         self._timer = None
         if self._parser is None and self.transport is not None:
+            self._refused = self._refused or "timeout"
             log.info("%s: handshake not finished in time, closing", self.peer)
             self.transport.abort()
 
@@ -445,36 +475,51 @@ class Connection(asyncio.BufferedProtocol):
 
     def _run_queue(self) -> None:
         """Run queued events until the queue is empty or the connection holds its cap in
-        replies and payloads; replies made meanwhile leave in one writev."""
+        replies and payloads; replies made meanwhile leave in one writev.
+
+        Each request's duration (from the end of the one before it in this batch, or the
+        batch's start, to its own end) goes into the connection's latency histogram, inlining
+        metrics.counters.record: one clock read and one list item per request.
+        """
         queue, handlers, transport, cap = self._queue, self._handlers, self._transport, self._cap
+        hist, clock, pack = self.latency, time.monotonic_ns, PACK
         batch: list[bytes | bytearray | memoryview] = []
         self._batch = batch
         self._batch_bytes = 0
         ending = None
+        then = clock()
         try:
             while queue:
                 if self._batch_bytes + self._held + transport.get_write_buffer_size() >= cap:
                     break
                 event = queue.popleft()
                 if type(event) is Command:
-                    self.requests += 1
+                    cmd = event.cmd
                     if self._shutting_down:
-                        self._send_error(event.cmd, event.handle, Errno.ESHUTDOWN, "shutting down")
-                        continue
-                    coro = handlers[event.cmd](event)
-                    try:  # eager.start, inlined: most requests finish without waiting
-                        yielded = coro.send(None)
-                    except StopIteration:
-                        continue
-                    except Exception:  # a bug below us: fail the request, keep serving
-                        log.exception("%s: request %s failed", self.peer, event[:5])
-                        self._send_error(event.cmd, event.handle, Errno.EIO, "internal error")
-                        continue
-                    eager.finish_in_task(coro, yielded)
+                        self._send_error(cmd, event.handle, Errno.ESHUTDOWN, "shutting down")
+                    else:
+                        coro = handlers[cmd](event)
+                        try:  # eager.start, inlined: most requests finish without waiting
+                            yielded = coro.send(None)
+                        except StopIteration:
+                            pass
+                        except Exception:  # a bug below us: fail the request, keep serving
+                            log.exception("%s: request %s failed", self.peer, event[:5])
+                            self._send_error(cmd, event.handle, Errno.EIO, "internal error")
+                        else:
+                            self._finish_in_task(coro, yielded, cmd, then)
+                            then = clock()
+                            continue
+                    now = clock()
+                    spent = now - then
+                    hist[cmd << ROW_BITS | (spent >> SHIFT).bit_length()] += spent + pack
+                    then = now
                 elif type(event) is BadCommand:
-                    self.requests += 1
                     log.debug("%s: refused %s", self.peer, event)
                     self._send_error(event.cmd, event.handle, event.error, event.message)
+                    now = clock()
+                    record(hist, command_slot(event.cmd), now - then)
+                    then = now
                 else:  # Disconnect or FramingError: nothing after it counts
                     ending = event
                     queue.clear()
@@ -486,6 +531,20 @@ class Connection(asyncio.BufferedProtocol):
             self._end_session(ending)
         else:
             self._update_reading()
+
+    def _finish_in_task(
+        self, coro: Coroutine[Any, Any, None], yielded: object, cmd: int, started: int
+    ) -> None:
+        """A request that has to wait: a task finishes it, and its duration goes straight into
+        the export's histogram (its connection may be closed and counted in by then)."""
+        self._late += 1
+        counters = self._counters
+        assert counters is not None
+
+        def done() -> None:
+            record(counters.latency, cmd, time.monotonic_ns() - started)
+
+        eager.finish_in_task(coro, yielded, done)
 
     def _end_session(self, event: Disconnect | FramingError) -> None:
         self._disconnecting = True
@@ -505,6 +564,8 @@ class Connection(asyncio.BufferedProtocol):
             self._transport.write(data)
 
     def _send_error(self, cmd: int, handle: int, error: int, message: str) -> None:
+        if self._counters is not None:
+            self._counters.errors[error] += 1
         if self._structured:
             self._send(error_chunk(handle, error, message))
         else:  # a failed READ's simple reply carries no data, as the client expects
@@ -676,11 +737,40 @@ class Connection(asyncio.BufferedProtocol):
         if self._closed.done() and self._key_view is not None:
             view, self._key_view = self._key_view, None  # closed and idle: leave its key, once
             self.state.key_users.left(view, self)
+        if self._closed.done() and self._attached and self._counters is not None:
+            self._attached = False  # closed and idle: its counts join the export's, once
+            self._counters.detach(self)
 
     @property
     def inflight(self) -> int:
-        """Requests of this connection in flight (for `ctl evict-key`'s EBUSY)."""
+        """Requests of this connection in flight (for `ctl evict-key`'s EBUSY, and metrics)."""
         return self._inflight
+
+    @property
+    def requests(self) -> int:
+        """Requests this connection has run or refused (finished, or handed to a task)."""
+        return requests_in(self.latency) + self._late
+
+    def _count_connection(self) -> None:
+        """Count this connection once in the metrics, when its identity is settled: at the
+        start of transmission, or when it closes before that."""
+        if not self._counted:
+            self._counted = True
+            key = (self.identity.transport, identity_class(self.identity))
+            self.state.counters.connections.total[key] += 1
+
+    def _log_fields(self, view: OpenExport, event: str, **more: object) -> dict[str, object]:
+        """The structured fields of the open and close lines (`--log-format json`): who, which
+        export, which key ID (never key bytes)."""
+        return {
+            "event": event,
+            "peer": self.peer,
+            "identity": self.identity.describe(),
+            "transport": self.identity.transport,
+            "export": view.name,
+            "key_id": view.key_id,
+            **more,
+        }
 
     def begin_shutdown(self) -> None:
         """Refuse new requests with ESHUTDOWN; close when idle after DISC or a short grace."""
@@ -689,6 +779,7 @@ class Connection(asyncio.BufferedProtocol):
         if transport is None or transport.is_closing():
             return
         if self._parser is None:
+            self._refused = "shutdown"
             transport.close()  # still haggling: nothing acknowledged to protect
             return
         asyncio.get_running_loop().call_later(_SHUTDOWN_GRACE, self._force_close_when_idle)

@@ -13,7 +13,7 @@ must not rely on asyncio.current_task() (asyncio.timeout() does; Locks, Events, 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 
@@ -43,10 +43,19 @@ class _Resume:
                     return
 
 
-async def _finish(resume: _Resume) -> None:
-    await resume
+async def _finish(resume: _Resume, done: Callable[[], None] | None) -> None:
+    try:
+        await resume
+    finally:
+        if done is not None:
+            done()
 
 
-def finish_in_task(coro: Coroutine[Any, Any, None], yielded: object) -> asyncio.Task[None]:
-    """Continue, in a new task, a coroutine that was stepped by hand and yielded `yielded`."""
-    return asyncio.get_running_loop().create_task(_finish(_Resume(coro, yielded)))
+def finish_in_task(
+    coro: Coroutine[Any, Any, None],
+    yielded: object,
+    done: Callable[[], None] | None = None,
+) -> asyncio.Task[None]:
+    """Continue, in a new task, a coroutine that was stepped by hand and yielded `yielded`;
+    `done` is called as soon as it has finished (in the task, not a loop iteration later)."""
+    return asyncio.get_running_loop().create_task(_finish(_Resume(coro, yielded), done))
