@@ -13,20 +13,23 @@ import pty
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import nbd
+import nbdwire as nw
 import numpy as np
 import pytest
 from clients.util import handle
 from conftest import ROOT, SYSTEM_PYTHON, RunningServer, StartServer, require_tool, run
 
+from nbdcrypt.nbd import handshake as hs
 from nbdcrypt.stress.pattern import run_tag
 
 MiB = 1 << 20
@@ -538,3 +541,131 @@ def test_stress_survives_its_server_vanishing(start_server: StartServer) -> None
     assert proc.returncode == 1 and s["clients_failed"] == 3 and s["clients_done"] == 0, err
     assert all("connection" in f or "closed" in f for f in s["failures"]), s["failures"]
     assert s["mismatches"]["count"] == 0
+
+
+# A server that breaks the protocol, or never answers ---------------------------------------------
+
+
+class FakeServer:
+    """An NBD server on a unix socket that does the handshake right (nbdcrypt's server codec)
+    and then answers every request with `reply(handle)`: broken bytes, or nothing."""
+
+    def __init__(self, path: Path, reply: Callable[[int], bytes]) -> None:
+        self.path = path
+        self.reply = reply
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(str(path))
+        self.listener.listen(16)
+        self.threads: list[threading.Thread] = []
+        self.accepter = threading.Thread(target=self._accept, daemon=True)
+        self.accepter.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(30)
+            handshake = hs.ServerHandshake()
+            conn.sendall(handshake.data_to_send())
+            rest = b""
+            try:
+                while handshake.state is not hs.State.TRANSMISSION:
+                    handshake.receive_data(conn.recv(65536))
+                    event = handshake.next_event()
+                    if isinstance(event, hs.ExportInfoRequest):
+                        started = handshake.reply_info(
+                            name=event.name, size=8 * MiB, flags=nw.HAS_FLAGS | nw.SEND_FLUSH,
+                            description="", block_sizes=(512, 4096, MiB),
+                        )  # fmt: skip
+                        rest = started.trailing if started else b""
+                    conn.sendall(handshake.data_to_send())
+                while True:
+                    while len(rest) >= nw.REQUEST_LEN:
+                        _, _, cmd, handle, _, length = struct.unpack_from(">IHHQQI", rest)
+                        size = nw.REQUEST_LEN + (length if cmd == nw.CMD_WRITE else 0)
+                        if len(rest) < size:
+                            break
+                        rest = rest[size:]
+                        if cmd == nw.CMD_DISC:
+                            return
+                        conn.sendall(self.reply(handle))
+                    data = conn.recv(1 << 20)
+                    if not data:
+                        return
+                    rest += data
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize(
+    ("reply", "args", "failure", "kind"),
+    [
+        (
+            lambda h: nw.chunk(nw.REPLY_FLAG_DONE, 7, h, b""),
+            [],
+            "protocol error: a reply chunk of unknown type 7",
+            "protocol",
+        ),
+        (
+            lambda h: nw.simple_reply(h + 1000),
+            [],
+            "protocol error: a simple reply for handle",
+            "protocol",
+        ),
+        (lambda h: b"", ["--timeout", "1"], "no reply within 1 s", "timeout"),
+    ],
+)
+def test_protocol_errors_and_silence_fail_the_client(
+    tmp_path: Path, reply: Callable[[int], bytes], args: list[str], failure: str, kind: str
+) -> None:
+    server = FakeServer(tmp_path / "fake.sock", reply)
+    try:
+        proc, s = stress(
+            f"nbd+unix:///x?socket={tmp_path}/fake.sock", "-n", "1", "--ops", "20", *args
+        )
+    finally:
+        server.close()
+    assert proc.returncode == 1 and not s["ok"]
+    assert s["clients_failed"] == 1 and s["errors"] == {kind: 1}, s
+    assert failure in s["failures"][0] and s["failures"][0].startswith("client 0: ")
+    assert s["exports"][0]["block_sizes"] == [512, 4096, MiB] and s["exports"][0]["align"] == 512
+
+
+def test_sigint_ends_the_run_with_a_summary(start_server: StartServer) -> None:
+    server = start_server(PLAIN)
+    cmd = [
+        sys.executable,
+        "-m",
+        "nbdcrypt",
+        "stress",
+        server.uri("mem"),
+        "-n",
+        "2",
+        "--duration",
+        "600",
+        "--json",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 30
+    while server.log.count("opened export") < 3 and time.monotonic() < deadline:  # probe + 2
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    s = json.loads(out)
+    assert proc.returncode == 0 and s["ok"], err
+    assert s["clients_done"] == 2 and s["elapsed_s"] < 60 and s["ops"]["total"]["ops"] > 0
+    assert server.stop() == 0
