@@ -255,7 +255,12 @@ async def _run_clients(result: RunResult, err: TextIO) -> None:
     await asyncio.gather(*(c.setup() for c in clients))
     stop, side_stop = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+
+    def interrupted() -> None:  # the first SIGINT ends the run with a summary; a second, at once
+        stop.set()
+        loop.remove_signal_handler(signal.SIGINT)
+
+    loop.add_signal_handler(signal.SIGINT, interrupted)
     side = _side_tasks(result, err, side_stop)
     start = time.monotonic()
     timer = loop.call_later(opts.duration, stop.set) if opts.duration else None
