@@ -21,6 +21,7 @@ from nbdcrypt.config.model import (
     Config,
     FileDeviceConfig,
     KeyFile,
+    ListenAddress,
     LuksDeviceConfig,
     MemoryDeviceConfig,
     TableDeviceConfig,
@@ -286,11 +287,20 @@ def _tls_lines(tls: TlsConfig) -> list[str]:
     return lines
 
 
+def _metrics_url(address: ListenAddress) -> str:
+    """Where `server.metrics` is scraped: http://HOST:PORT/metrics, or the unix socket."""
+    if address.path is not None:
+        return f"GET /metrics on unix socket {address.path}"
+    return f"http://{str(address).removeprefix('tcp://')}/metrics"
+
+
 def describe(config: Config) -> str:
     """What `check` prints: listeners, devices (tables with their lines) and exports, resolved."""
     lines = [f"config: {config.source}", "listen:"]
     lines += [f"  {address}" for address in config.server.listen]
     lines += _tls_lines(config.server.tls)
+    if config.server.metrics is not None:
+        lines.append(f"metrics: {_metrics_url(config.server.metrics)}")
     lines.append("devices:")
     for name, dev in config.devices.items():
         if isinstance(dev, FileDeviceConfig):

@@ -55,7 +55,7 @@ HANDSHAKE_FAILURES = (
     "shutdown",  # refused: the server is shutting down
     "unknown_export",  # asked for an export that does not exist, then left
     "denied",  # asked for an export no client rule grants it, then left
-    "disconnected",  # closed before transmission without NBD_OPT_ABORT (or after a refusal)
+    "disconnected",  # closed before transmission, neither refused nor with NBD_OPT_ABORT
 )
 
 
