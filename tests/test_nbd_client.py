@@ -94,7 +94,7 @@ def converse(
 
 @SETTINGS
 @given(
-    name=st.text(max_size=40),
+    name=st.text(st.characters(exclude_characters="\0"), max_size=40),
     size=st.integers(0, 1 << 62),
     flags=st.integers(0, 0xFFFF).map(lambda f: f | nw.HAS_FLAGS),
     minimum=st.sampled_from([1, 512, 4096, 65536]),
@@ -268,6 +268,13 @@ def test_unknown_info_and_name_are_ignored() -> None:
     events = feed_handshake(client, GREETING + replies)
     assert isinstance(events[0], ch.HandshakeDone)
     assert events[0].info.description == "about" and events[0].info.size == 1 << 20
+
+
+def test_names_the_spec_forbids_are_refused_before_sending() -> None:
+    with pytest.raises(ValueError, match="NUL"):
+        ch.ClientHandshake("a\0b")
+    with pytest.raises(ValueError, match="longer than 4096"):
+        ch.ClientHandshake("x" * 4097)
 
 
 def test_connection_lost_in_the_middle_is_a_protocol_error() -> None:

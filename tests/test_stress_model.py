@@ -366,6 +366,7 @@ def test_uris() -> None:
         ("nbd://[::1/x", "Invalid IPv6 URL"),
         ("nbd://[::zz]/x", "does not appear to be an IPv4 or IPv6"),
         ("nbd://u@h/x", "user name"),
+        ("nbd://h/a%00b", "no NUL"),
     ],
 )
 def test_bad_uris(text: str, message: str) -> None:

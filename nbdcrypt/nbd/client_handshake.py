@@ -149,6 +149,8 @@ class ClientHandshake:
         raw = export_name.encode()
         if len(raw) > MAX_STRING:
             raise ValueError(f"the export name is longer than {MAX_STRING} bytes")
+        if "\0" in export_name:
+            raise ValueError("the export name contains NUL")
         self.export_name = export_name
         self._name = raw
         self.want_structured = structured_replies

@@ -11,6 +11,8 @@ import ipaddress
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
+from nbdcrypt.nbd.constants import MAX_STRING
+
 DEFAULT_PORT = 10809
 
 
@@ -51,6 +53,8 @@ def parse_uri(text: str) -> NbdUri:
             "nbd+unix:///EXPORT?socket=PATH)"
         )
     export = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+    if "\0" in export or len(export.encode()) > MAX_STRING:
+        raise UriError(f"{text}: an export name holds no NUL and at most {MAX_STRING} bytes")
     if parts.fragment:
         raise UriError(f"{text}: a fragment (#...) is not allowed")
     query = _query(parts.query)
