@@ -446,6 +446,8 @@ GBPS = Metric("gbps", "GB/s", True, fmt_gbps)
 IOPS = Metric("iops", "IOPS", True, fmt_iops)
 LAT_MEAN = Metric("lat_mean_us", "mean latency (us)", False, fmt_us)
 LAT_P99 = Metric("lat_p99_us", "p99 latency (us)", False, fmt_us)
+OPS = Metric("ops", "verified ops/s", True, fmt_iops)
+P99_MS = Metric("p99_ms", "p99 latency (ms)", False, lambda v: f"{v:.1f}")
 
 
 @dataclass(frozen=True)
@@ -562,6 +564,43 @@ def fio_workload(key: str, rw: str, depth: int, latency: bool) -> Workload:
     )
 
 
+STRESS_CLIENTS = 6  # qemu-nbd is started with --shared=8
+
+
+def stress_command(ctx: RunContext) -> list[str]:
+    """`nbdcrypt stress` with its JSON summary redirected to ctx.out (it prints it on stdout)."""
+    argv = [
+        sys.executable, "-m", "nbdcrypt", "stress", ctx.uri,
+        "--clients", str(STRESS_CLIENTS), "--duration", str(ctx.runtime), "--seed", "1",
+        "--trimmed", "any",  # a trimmed block of a LUKS or keyed export reads as noise
+        "--json", "--no-progress",
+    ]  # fmt: skip
+    return ["sh", "-c", f'exec "$@" > {shlex.quote(str(ctx.out))}', "stress", *argv]
+
+
+def stress_parse(ctx: RunContext, seconds: float) -> dict[str, float]:
+    del seconds
+    summary = json.loads(ctx.out.read_text())
+    if not summary["ok"]:
+        raise RuntimeError(f"stress found problems: {summary.get('fatal') or summary['failures']}")
+    return {
+        "ops": float(summary["ops_per_s"]),
+        "p99_ms": float(summary["ops"]["total"]["latency_ms"]["p99"]),
+    }
+
+
+def stress_workload(key: str) -> Workload:
+    return Workload(
+        key=key,
+        title=f"nbdcrypt stress: {STRESS_CLIENTS} verifying clients, mixed I/O (client-bound)",
+        metrics=(OPS, P99_MS),
+        command=stress_command,
+        parse=stress_parse,
+        timeout=lambda ctx: ctx.runtime + 120.0,
+        estimate=lambda size, runtime, gbps: runtime + 3.0,
+    )
+
+
 WORKLOADS: dict[str, Workload] = {
     w.key: w
     for w in (
@@ -571,6 +610,7 @@ WORKLOADS: dict[str, Workload] = {
         fio_workload("randwrite-qd32", "randwrite", 32, latency=False),
         fio_workload("randread-qd1", "randread", 1, latency=True),
         fio_workload("randwrite-qd1", "randwrite", 1, latency=True),
+        stress_workload("stress"),
     )
 }
 
@@ -664,7 +704,7 @@ SUITES: dict[str, Suite] = {
                 "`inline`, an export key (`aes-256-xts`, `data_unit_size`) encrypted by the file",
                 "device's inline-crypto engine (blk-crypto style). Its configs are below.",
             ),
-            workloads=("seq-read", "seq-write", "randread-qd32"),
+            workloads=("seq-read", "seq-write", "randread-qd32", "stress"),
             baselines=("qemu-nbd-luks", "nbdkit-luks"),
             targets=tuple(t for unit in DATA_UNITS for t in encrypted_targets(unit)),
         ),
