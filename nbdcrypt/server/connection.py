@@ -235,7 +235,7 @@ class Connection(asyncio.BufferedProtocol):
                     requests=requests,
                     bytes_read=self.bytes_read,
                     bytes_written=self.bytes_written,
-                    reason=str(exc) if exc else None,
+                    error=str(exc) if exc else None,
                 ),
             )
         else:
