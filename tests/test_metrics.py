@@ -9,6 +9,7 @@ subject or anything else unbounded.
 
 from __future__ import annotations
 
+import bisect
 import os
 import signal
 import socket
@@ -23,14 +24,27 @@ from pathlib import Path
 import nbd
 import pytest
 from conftest import ROOT, RunningServer, StartServer, free_tcp_port, require_tool, run
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import CollectorRegistry
 from tlscerts import SUBJECTS, Pki
 
 from nbdcrypt.config.loader import ConfigError, load_config
-from nbdcrypt.metrics.counters import BUCKETS, COMMAND_LABELS, ERRNO_LABELS
+from nbdcrypt.metrics.counters import (
+    BUCKETS,
+    COMMAND_LABELS,
+    ERRNO_LABELS,
+    SHIFT,
+    new_histogram,
+    record,
+    requests_in,
+    unpack_row,
+)
+from nbdcrypt.metrics.endpoint import answer
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 KiB, MiB = 1024, 1024 * 1024
@@ -586,3 +600,55 @@ def test_address_in_use_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "cannot listen" in proc.stderr and str(port) in proc.stderr
+
+
+# --- the packed histogram and the HTTP request parser, alone ----------------------------------
+
+
+@given(st.lists(st.tuples(st.sampled_from(sorted(COMMAND_LABELS)), st.integers(0, 1 << 40))))
+def test_packed_histogram_counts_and_sums(observations: list[tuple[int, int]]) -> None:
+    histogram = new_histogram()
+    for slot, ns in observations:
+        record(histogram, slot, ns)
+    assert requests_in(histogram) == len(observations)
+    bounds = [1 << (SHIFT + b) for b in range(BUCKETS)]  # bucket b: below 2**(SHIFT + b) ns
+    for slot in COMMAND_LABELS:
+        mine = [ns for s, ns in observations if s == slot]
+        row = unpack_row(histogram, slot)
+        expected = [0] * (BUCKETS + 1)
+        for ns in mine:
+            expected[bisect.bisect_right(bounds, ns)] += 1
+        assert list(row.counts) == expected
+        assert row.requests == len(mine)
+        assert round(row.seconds * 1e9) == sum(mine)
+
+
+HEADS = st.one_of(
+    st.binary(max_size=300),
+    st.builds(
+        lambda method, path, version, rest: f"{method} {path} {version}{rest}".encode("latin-1"),
+        st.sampled_from(["GET", "HEAD", "POST", "get", "", "GET GET"]),
+        st.sampled_from(["/metrics", "/metrics?x=1", "/", "/metricsx", "", "*"]),
+        st.sampled_from(["HTTP/1.1", "HTTP/1.0", "HTTP/2", "", "http/1.1"]),
+        st.one_of(
+            st.text(st.characters(max_codepoint=255), max_size=40),
+            st.builds(
+                "\r\nAccept: {}/{}; version={}; escaping={}".format,
+                st.sampled_from(["application", "text", "*"]),
+                st.sampled_from(["openmetrics-text", "plain", "*"]),
+                st.sampled_from(["1.0.0", "0.0.4", "abc", "", "2", "1.0.0.0"]),
+                st.sampled_from(["underscores", "values", "dots", "allow-utf-8", "zz", ""]),
+            ),
+        ),
+    ),
+)
+
+
+@given(HEADS)
+def test_any_request_head_gets_an_answer(head: bytes) -> None:
+    response, head_only = answer(CollectorRegistry(), head)
+    status = int(response.status.split(" ")[0])
+    assert status in {200, 400, 404, 405}
+    if status == 200:
+        assert head.startswith((b"GET /metrics", b"HEAD /metrics"))
+    assert head_only == (status in {200, 404} and head.startswith(b"HEAD "))

@@ -18,7 +18,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from nbdcrypt.config.model import ListenAddress
@@ -28,6 +28,7 @@ log = logging.getLogger("nbdcrypt.metrics")
 MAX_HEAD = 8192  # bytes of request line and headers
 TIMEOUT = 10.0  # seconds to send them
 PATH = "/metrics"
+PLAIN = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest() writes
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +55,17 @@ def answer(registry: CollectorRegistry, head: bytes) -> tuple[Response, bool]:
         name, _, value = line.partition(":")
         if name.strip().lower() == "accept":
             accept = value.strip()
-    encoder, content_type = choose_encoder(accept)
-    return Response("200 OK", encoder(registry), content_type), method == "HEAD"
+    body, content_type = _encode(registry, accept)
+    return Response("200 OK", body, content_type), method == "HEAD"
+
+
+def _encode(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
+    """The exposition in the format the Accept header asks for, or Prometheus text."""
+    try:
+        encoder, content_type = choose_encoder(accept)
+        return encoder(registry), content_type
+    except (TypeError, ValueError):  # a version or escaping prometheus-client cannot read
+        return generate_latest(registry), PLAIN
 
 
 def _render(response: Response, head_only: bool) -> bytes:
@@ -150,7 +160,11 @@ class MetricsEndpoint:
         except asyncio.IncompleteReadError:
             return  # the client left before it asked anything
         else:
-            response, head_only = answer(self.registry, head[:-4])
+            try:
+                response, head_only = answer(self.registry, head[:-4])
+            except Exception:  # a bug in a collector: logged, the scraper sees a 500
+                log.exception("metrics: scrape failed")
+                response, head_only = Response("500 Internal Server Error", b"see the log\n"), False
         writer.write(_render(response, head_only))
         with contextlib.suppress(ConnectionError):
             async with asyncio.timeout(self.timeout):
