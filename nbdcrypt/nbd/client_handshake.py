@@ -146,7 +146,10 @@ class ClientHandshake:
     """One connection's handshake, from the greeting to transmission, as a client."""
 
     def __init__(self, export_name: str, *, structured_replies: bool = True) -> None:
-        raw = export_name.encode()
+        try:
+            raw = export_name.encode()
+        except UnicodeEncodeError:
+            raise ValueError("the export name is not valid Unicode text (a surrogate)") from None
         if len(raw) > MAX_STRING:
             raise ValueError(f"the export name is longer than {MAX_STRING} bytes")
         if "\0" in export_name:
