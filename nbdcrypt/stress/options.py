@@ -55,6 +55,18 @@ class StressOptions:
     progress: bool | None = None  # None: when stderr is a terminal
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends `(default: X)` to an option's help unless X is unset or the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return f"{text} (default: %(default)s)"
+        return text
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Add `stress` to the `nbdcrypt` command line."""
     p = sub.add_parser(
@@ -66,7 +78,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
         "read verified and nothing failed, 1 on a mismatch, a protocol error, a client that "
         "could not connect or lost its connection, or an error reply (see --allow-errors), "
         "2 on usage errors. See docs/STRESS.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
     p.add_argument("--version", action="version", version=f"nbdcrypt {__version__}")
     p.add_argument(
