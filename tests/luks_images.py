@@ -66,12 +66,21 @@ def add_keyslot(image: Path, passfile: Path, new_passfile: Path, *extra: str) ->
 
 
 def qemu_luks_create(image: Path, passfile: Path, size: str = "8M") -> Path:
-    """A LUKS1 image made by qemu-img (aes-xts-plain64, sha256, 512-byte sectors)."""
-    run([
+    """A LUKS1 image made by qemu-img (aes-xts-plain64, sha256, 512-byte sectors).
+
+    qemu calibrates PBKDF2 by the thread's CPU time; a first round that the kernel accounts as
+    0 ms (tick-granular accounting, a fast SHA-256) fails with "Unable to get accurate CPU
+    usage". That is qemu's calibration, not the image: try again, a few times."""
+    argv = [
         require_tool("qemu-img"), "create", "-f", "luks",
         "--object", f"secret,id=s0,file={passfile}",
         "-o", "key-secret=s0,iter-time=10", str(image), size,
-    ])  # fmt: skip
+    ]  # fmt: skip
+    for _ in range(5):
+        proc = run(argv, check=False)
+        if proc.returncode == 0 or "Unable to get accurate CPU usage" not in proc.stderr:
+            break
+    assert proc.returncode == 0, f"{argv!r} exited {proc.returncode}:\n{proc.stderr}"
     return image
 
 
