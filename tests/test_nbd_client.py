@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 from nbdcrypt.nbd import client_handshake as ch
 from nbdcrypt.nbd import handshake as hs
 from nbdcrypt.nbd.client_transmission import (
-    NEED_DATA,
     ClientTransmission,
     ProtocolError,
     Reply,
@@ -56,7 +55,7 @@ def feed_handshake(
     events: list[ch.Event] = []
     for piece in pieces(data, cuts) or [b""]:
         client.receive_data(piece)
-        while (event := client.next_event()) is not ch.NEED_DATA:
+        while (event := client.next_event()) is not hs.NEED_DATA:
             assert isinstance(event, ch.HandshakeDone | ch.Refused | ch.ProtocolError)
             events.append(event)
     return events
@@ -352,7 +351,7 @@ def take(
     out: list[Reply | ProtocolError] = []
     for piece in pieces(data, cuts) or [b""]:
         codec.receive_data(piece)
-        while (event := codec.next_event()) is not NEED_DATA:
+        while (event := codec.next_event()) is not hs.NEED_DATA:
             assert isinstance(event, Reply | ProtocolError)
             out.append(event)
     return out

@@ -44,6 +44,10 @@ from nbdcrypt.nbd.constants import (
     Rep,
     TransmissionFlag,
 )
+from nbdcrypt.nbd.handshake import (
+    NEED_DATA,  # one sentinel for every codec
+    _NeedData,
+)
 
 _GREETING = struct.Struct(">QQH")
 _OPTION = struct.Struct(">QII")
@@ -61,14 +65,6 @@ class ClientState(Enum):
     EXPORT_NAME = auto()
     DONE = auto()
     CLOSED = auto()
-
-
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = _NeedData()
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,10 @@ from nbdcrypt.nbd.constants import (
     Cmd,
     ReplyType,
 )
+from nbdcrypt.nbd.handshake import (
+    NEED_DATA,  # one sentinel for every codec
+    _NeedData,
+)
 
 _REQUEST = struct.Struct(">IHHQQI")
 _SIMPLE = struct.Struct(">IIQ")
@@ -46,12 +50,6 @@ def encode_request(cmd: int, flags: int, handle: int, offset: int, length: int) 
     return _REQUEST.pack(REQUEST_MAGIC, flags, cmd, handle, offset, length)
 
 
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = _NeedData()
 _CONSUMED = _NeedData()  # a chunk was taken in, and its reply is not complete yet
 
 

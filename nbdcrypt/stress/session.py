@@ -16,7 +16,8 @@ from collections.abc import Callable
 from typing import cast
 
 from nbdcrypt.nbd import client_handshake as ch
-from nbdcrypt.nbd.client_transmission import NEED_DATA, ClientTransmission, ProtocolError, Reply
+from nbdcrypt.nbd.client_transmission import ClientTransmission, ProtocolError, Reply
+from nbdcrypt.nbd.handshake import NEED_DATA
 from nbdcrypt.stress.uri import NbdUri
 
 
@@ -100,7 +101,7 @@ class Session(asyncio.Protocol):
             out = self.handshake.data_to_send()
             if out:
                 self.transport.write(out)
-            if event is ch.NEED_DATA:
+            if event is NEED_DATA:
                 return
             if isinstance(event, ch.HandshakeDone):
                 self.info = event.info
