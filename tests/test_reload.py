@@ -245,3 +245,23 @@ def test_plan_refuses_a_moved_control_socket(tmp_path: Path) -> None:
     path.write_text(moved.replace("server: {", "server: {listen: tcp://127.0.0.1:10809, ", 1))
     with pytest.raises(ReloadError, match=r"server\.control changed"):
         plan(old, load_config(path))
+
+
+def test_a_key_file_others_can_read_is_refused_on_reload(
+    controlled: tuple[RunningServer, Path], tmp_path: Path
+) -> None:
+    """KeyFileError is not an OSError: it must still be a refused reload, not a traceback."""
+    server, control = controlled
+    key = tmp_path / "open.key"
+    key.write_bytes(bytes(range(64)))
+    key.chmod(0o644)
+    rewrite(
+        server,
+        BASE + "keys:\n  k: {mode: aes-256-xts, data_unit_size: 512, source: {file: open.key}}\n",
+    )
+    out = ctl(control, "reload")
+    assert out.returncode == 1, out.stdout
+    assert "accessible by others" in out.stderr, out.stderr
+    assert "Traceback" not in server.log and "internal error" not in out.stderr
+    assert exports_listed(server) == ["old", "one"]
+    assert server.stop() == 0

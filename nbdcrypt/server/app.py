@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 
-from nbdcrypt.backends.file import FileDevice
+from nbdcrypt.backends.file import BackingFileError, FileDevice
 from nbdcrypt.backends.memory import MemoryDevice
 from nbdcrypt.blkcrypto.engine import InlineCryptoDevice
 from nbdcrypt.blkcrypto.key import CryptoKey
@@ -50,8 +50,9 @@ from nbdcrypt.device import Device
 from nbdcrypt.dm.device import MappedDevice
 from nbdcrypt.dm.table import Table, TableError
 from nbdcrypt.export import Export
-from nbdcrypt.keyring import load_key, wipe_keys
+from nbdcrypt.keyring import KeyFileError, load_key, wipe_keys
 from nbdcrypt.keyuse import KeyUsers
+from nbdcrypt.luks import LuksError
 from nbdcrypt.luks.device import LuksDevice, open_luks
 from nbdcrypt.metrics.collector import ServerCollector
 from nbdcrypt.metrics.counters import Counters
@@ -60,7 +61,7 @@ from nbdcrypt.server.connection import Connection
 from nbdcrypt.server.reload import ReloadError
 from nbdcrypt.server.reload import plan as reload_plan
 from nbdcrypt.server.systemd import ActivatedSocket, Notifier
-from nbdcrypt.tls import server_context
+from nbdcrypt.tls import TlsFileError, server_context
 
 log = logging.getLogger("nbdcrypt.server")
 
@@ -495,7 +496,7 @@ class Server:
         try:
             keys = _load_keys(new, self.keys)
             tls = self._tls_context(new.server.tls)
-        except (OSError, ValueError) as exc:  # KeyFileError, TlsFileError
+        except (*_RELOAD_ERRORS, KeyFileError, TlsFileError) as exc:
             raise ReloadError(str(exc)) from None
         added = {name: new.devices[name] for name in change.added}
         listeners: dict[str, asyncio.Server] = {}
@@ -508,7 +509,7 @@ class Server:
             for address in change.listen_added:
                 listeners[str(address)] = await self._listen(address)
             metrics = await self._metrics_moved(new)
-        except (OSError, ValueError) as exc:  # a device, a table, a listen address
+        except (*_RELOAD_ERRORS, BackingFileError, LuksError) as exc:  # a device, table, address
             for server in listeners.values():
                 server.close()
             for dev in staged:
@@ -613,6 +614,9 @@ class Server:
         for label, server in added.items():
             self._listeners[label] = server
             log.info("listening on %s", label)
+
+
+_RELOAD_ERRORS = (OSError, ValueError)  # and each step's own error types, named where caught
 
 
 def _remove_stale_socket(path: str) -> None:
