@@ -9,7 +9,8 @@ one CBC chain from its IV: C_0 = AES_K(P_0 ^ IV), C_j = AES_K(P_j ^ C_{j-1}).
 Decryption is one ECB pass over the request plus two XORs. Encryption is sequential inside a
 unit, so the batched path runs block j of every unit at once (one ECB call per block position).
 Large units, and few units, go one unit per libcrypto call pair instead (libcrypto.py), or
-through one `cryptography` CBC context per unit where libcrypto is missing.
+through one `cryptography` CBC context per unit where libcrypto is missing. With the built C
+loop (libcrypto.native()) every request goes to libcrypto: one call at OpenSSL's speed.
 """
 
 from __future__ import annotations
@@ -125,7 +126,10 @@ class CbcCipher:
 
     def _encrypt_path(self, units: int, blocks: int) -> str:
         """engine | cryptography | batched: the fastest way to encrypt this shape."""
-        if self._engine is not None and (blocks >= ENGINE_MIN_BLOCKS or units <= ENGINE_MAX_UNITS):
+        engine = self._engine
+        if engine is not None and (
+            engine.native or blocks >= ENGINE_MIN_BLOCKS or units <= ENGINE_MAX_UNITS
+        ):
             return "engine"
         if self._engine is None and units < blocks:
             return "cryptography"
@@ -133,7 +137,8 @@ class CbcCipher:
 
     def _decrypt_path(self, units: int) -> str:
         """engine | batched (batched decryption is one ECB pass: libcrypto only for tiny ones)."""
-        if self._engine is not None and units <= ENGINE_MAX_DECRYPT_UNITS:
+        engine = self._engine
+        if engine is not None and (engine.native or units <= ENGINE_MAX_DECRYPT_UNITS):
             return "engine"
         return "batched"
 

@@ -12,7 +12,8 @@ No ciphertext stealing: units are whole numbers of 16-byte blocks.
 Three ways to run a request, picked by its shape (thresholds measured with
 benchmarks/crypto_bench.py):
 - libcrypto per unit (libcrypto.py): one keyed OpenSSL context, the IV reset per unit, about
-  1-2 us a unit; the fastest for units of 2 KiB and more, and for few small units.
+  1-2 us a unit; the fastest for units of 2 KiB and more, and for few small units. With the
+  built C loop (libcrypto.native()) a request is one call at OpenSSL's speed: every shape.
 - batched: one ECB pass over the IV blocks gives every unit's T, numpy makes the tweak chains
   (gf128.py), one ECB pass with K1 does every block of the request; the fastest for many
   small units (~60 numpy calls of fixed cost, then ~1 GB/s).
@@ -135,7 +136,10 @@ class XtsCipher:
 
     def _path(self, units: int, blocks: int) -> str:
         """engine | cryptography | table | chain: the fastest way for this request's shape."""
-        if self._engine is not None and (blocks >= ENGINE_MIN_BLOCKS or units <= ENGINE_MAX_UNITS):
+        engine = self._engine
+        if engine is not None and (
+            engine.native or blocks >= ENGINE_MIN_BLOCKS or units <= ENGINE_MAX_UNITS
+        ):
             return "engine"
         if self._engine is None and self._xts is not None and units <= CRYPTOGRAPHY_MAX_UNITS:
             return "cryptography"

@@ -1,0 +1,12 @@
+from nbdcrypt.crypto.batch import U64, Buffer
+
+def run(
+    init: int,
+    update: int,
+    ctx: int,
+    src: Buffer,
+    dst: memoryview,
+    ivs: bytes | U64,
+    unit_size: int,
+    /,
+) -> None: ...

@@ -1,0 +1,19 @@
+"""Builds nbdcrypt's one optional C module (the rest of the project is in pyproject.toml).
+
+nbdcrypt/crypto/_units.c runs libcrypto's per-data-unit loop without the GIL. It needs a C
+compiler and Python's headers (Debian: gcc, libc6-dev, python3-dev); without them the install
+still succeeds and the ciphers use their Python paths (slower, same bytes).
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "nbdcrypt.crypto._units",
+            ["nbdcrypt/crypto/_units.c"],
+            extra_compile_args=["-O2"],
+            optional=True,
+        )
+    ]
+)
