@@ -203,7 +203,10 @@ def luks_prepare(ctx: ServerContext) -> None:
     write_private(passphrase, os.urandom(16).hex().encode())  # no newline: both peers agree
     log(f"  making the LUKS1 image ({ctx.backing.stat().st_size // MIB} MiB payload)")
     argv = luks_convert_argv(ctx.backing)
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    for _ in range(5):  # qemu's PBKDF2 calibration can read 0 ms of CPU time: try again
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+        if out.returncode == 0 or "Unable to get accurate CPU usage" not in out.stderr:
+            break
     if out.returncode != 0:
         image.unlink(missing_ok=True)
         raise SystemExit(f"qemu-img convert failed ({out.returncode}): {out.stderr.strip()}")
