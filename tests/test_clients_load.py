@@ -7,13 +7,16 @@ it, writes never overlap, and after the server has exited the backing file is re
 from __future__ import annotations
 
 import errno
+import fcntl
 import signal
 import socket
 import struct
 import subprocess
+import termios
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import nbd
@@ -443,3 +446,27 @@ def test_new_clients_refused_after_sigterm(start_server: StartServer) -> None:
         nbd.NBD().connect_uri(server.uri("plain", tcp=True))
     with pytest.raises(nbd.Error):
         nbd.NBD().connect_uri(server.uri("plain"))
+
+
+def test_unix_replies_larger_than_the_default_socket_buffer_leave_at_once(
+    start_server: StartServer,
+) -> None:
+    """A client that asks for 4 MiB and does not read yet finds more queued for it than a
+    unix socket's default send buffer (208 KiB) holds: the server enlarged its buffer, so a
+    256 KiB read reply leaves in one send, not two with an epoll round between."""
+    server = start_server(LOAD_CONFIG)
+    default = int(Path("/proc/sys/net/core/wmem_default").read_text())
+    with rn.RawNBD.unix(server.socket_path) as c:
+        c.start()
+        c.opt_go("plain")
+        c.request(rn.CMD_READ, 0, 4 * MiB)
+        queued = 0
+        for _ in range(100):  # until the server's sends stop growing the queue
+            time.sleep(0.05)
+            now = struct.unpack("i", fcntl.ioctl(c.sock, termios.FIONREAD, b"\0" * 4))[0]
+            if now == queued and now > 0:
+                break
+            queued = now
+        assert queued > default, f"only {queued} bytes queued (default buffer {default})"
+        reply = c.recv_reply()
+        assert reply.error == 0 and len(reply.data) == 4 * MiB

@@ -72,6 +72,11 @@ _PASS_FLAGS = int(ReqFlag.FUA | ReqFlag.NO_HOLE | ReqFlag.FAST_ZERO)
 
 READ_BUFFER = 256 * 1024  # per connection: what one read from the socket can take
 DIRECT_PAYLOAD = 64 * 1024  # write payloads this large are read from the socket in place
+# A unix socket's send buffer (default 208 KiB) holds less than one 256 KiB read reply, so
+# every large reply would leave in two sends with an epoll round in between while the client
+# waits. 4 MiB (the kernel doubles it, and caps it at net.core.wmem_max) holds many. TCP is
+# left to the kernel's autotuning, which setting SO_SNDBUF would turn off.
+UNIX_SEND_BUFFER = 4 * 1024 * 1024
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -146,6 +151,8 @@ class Connection(asyncio.BufferedProtocol):
             self.peer = self.identity.describe()
         else:
             self.peer = f"{self.listener}#{self.state.next_serial()}"
+            if sock is not None and sock.family == socket.AF_UNIX:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
         transport.set_write_buffer_limits(high=self.state.limits.max_inflight_bytes // 2)
         self.over_limit = not self.state.register(self)
         loop = asyncio.get_running_loop()
