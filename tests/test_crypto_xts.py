@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from nbdcrypt.crypto import XtsCipher, libcrypto
 from nbdcrypt.crypto.gf128 import mul_x_reference, scratch_words, tweak_chain
 
-PATHS = ["engine", "cryptography", "table", "chain"]
+PATHS = ["native", "engine", "cryptography", "table", "chain"]
 VECTORS = Path(cryptography_vectors.__file__).parent / "ciphers" / "AES" / "XTS"
 FIRSTS = st.one_of(
     st.integers(0, 1000),

@@ -10,3 +10,13 @@ def run(
     unit_size: int,
     /,
 ) -> None: ...
+def xts(
+    update: int,
+    tweak_ctx: int,
+    data_ctx: int,
+    src: Buffer,
+    dst: memoryview,
+    ivs: bytes | U64,
+    unit_size: int,
+    /,
+) -> None: ...
