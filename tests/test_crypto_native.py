@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nbdcrypt.crypto import XtsCipher, libcrypto
+from nbdcrypt.crypto import XtsCipher, batch, libcrypto
 
 
 def test_the_c_loop_is_built() -> None:
@@ -142,3 +142,16 @@ def test_xts_equal_halves_match_the_batched_path() -> None:
     native = bytes(cipher.encrypt(data, 77, 512))
     cipher._native = None  # the numpy batched path
     assert bytes(cipher.encrypt(data, 77, 512)) == native
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    first=st.one_of(st.integers(0, 2**128 - 1), st.integers(2**64 - 40, 2**64 + 40)),
+    step=st.sampled_from([1, 8, 2**20]),
+    bits=st.sampled_from([32, 64, 128]),
+    count=st.integers(0, 70),
+)
+def test_iv_blocks_from_c_equal_python(first: int, step: int, bits: int, count: int) -> None:
+    """batch.ivs_for (the C module's ivs) against the Python definition, across the wraps."""
+    expected = batch.iv_bytes(first, count, step, bits)
+    assert bytes(batch.ivs_for(first, count, step, bits, "test")) == expected

@@ -194,6 +194,34 @@ static PyObject *units_xts(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ivs(first_lo, first_hi, step, bits, count) -> bytes
+ * The 16-byte little-endian IV blocks (first + i * step) mod 2^bits, i < count: what the
+ * Python side would build with ~10 us of numpy calls a request. */
+static PyObject *units_ivs(PyObject *self, PyObject *args) {
+    unsigned long long lo, hi, step;
+    int bits;
+    Py_ssize_t count;
+    if (!PyArg_ParseTuple(args, "KKKin", &lo, &hi, &step, &bits, &count))
+        return NULL;
+    if (count < 0 || count > PY_SSIZE_T_MAX / IV_BLOCK || (bits != 32 && bits != 64 && bits != 128)) {
+        PyErr_SetString(PyExc_ValueError, "bad IV count or width");
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, count * IV_BLOCK);
+    if (out == NULL)
+        return NULL;
+    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
+    unsigned __int128 v = ((unsigned __int128)hi << 64) | lo;
+    for (Py_ssize_t i = 0; i < count; i++, v += step) {
+        uint64_t low = (uint64_t)v, high = bits == 128 ? (uint64_t)(v >> 64) : 0;
+        if (bits == 32)
+            low &= 0xffffffffu;
+        store64(p + i * IV_BLOCK, low);
+        store64(p + i * IV_BLOCK + 8, high);
+    }
+    return out;
+}
+
 static PyMethodDef units_methods[] = {
     {"run", units_run, METH_VARARGS,
      "run(init, update, ctx, src, dst, ivs, unit_size): every data unit through a keyed "
@@ -201,6 +229,8 @@ static PyMethodDef units_methods[] = {
     {"xts", units_xts, METH_VARARGS,
      "xts(update, tweak_ctx, data_ctx, src, dst, ivs, unit_size): AES-XTS of whole data units "
      "from two keyed ECB contexts, without the GIL."},
+    {"ivs", units_ivs, METH_VARARGS,
+     "ivs(first_lo, first_hi, step, bits, count) -> bytes: little-endian IV blocks."},
     {NULL, NULL, 0, NULL},
 };
 

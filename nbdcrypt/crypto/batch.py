@@ -16,12 +16,18 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
+try:
+    from nbdcrypt.crypto._units import ivs as _c_ivs
+except ImportError:  # installed without a compiler
+    _c_ivs = None  # type: ignore[assignment]
+
 U64 = npt.NDArray[np.uint64]
 Buffer = bytes | bytearray | memoryview
 
 BLOCK = 16
 SLACK_WORDS = 2  # update_into wants room for one more block than it writes
 CHUNK_BYTES = 1 << 20  # batched work is done in pieces of at most this much data
+_U64_MASK = (1 << 64) - 1
 SMALL_IV_COUNT = 32  # up to this many IV blocks, Python ints beat numpy's per-call cost
 _M64 = (1 << 64) - 1
 
@@ -86,7 +92,11 @@ def iv_numbers(first: int, count: int, step: int, iv_bits: int) -> list[int]:
 
 
 def ivs_for(first: int, count: int, step: int, iv_bits: int, name: str) -> bytes | U64:
-    """IV blocks as bytes for few units, else in a (count, 2) scratch array called `name`."""
+    """IV blocks as bytes (from the C module, or for few units), else in a (count, 2) scratch
+    array called `name`."""
+    if _c_ivs is not None:
+        first &= (1 << iv_bits) - 1
+        return _c_ivs(first & _U64_MASK, first >> 64, step, iv_bits, count)
     if count <= SMALL_IV_COUNT:
         return iv_bytes(first, count, step, iv_bits)
     ivs = scratch(name, 2 * count)[: 2 * count].reshape(count, 2)
