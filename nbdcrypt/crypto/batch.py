@@ -27,7 +27,6 @@ Buffer = bytes | bytearray | memoryview
 BLOCK = 16
 SLACK_WORDS = 2  # update_into wants room for one more block than it writes
 CHUNK_BYTES = 1 << 20  # batched work is done in pieces of at most this much data
-_U64_MASK = (1 << 64) - 1
 SMALL_IV_COUNT = 32  # up to this many IV blocks, Python ints beat numpy's per-call cost
 _M64 = (1 << 64) - 1
 
@@ -96,7 +95,7 @@ def ivs_for(first: int, count: int, step: int, iv_bits: int, name: str) -> bytes
     array called `name`."""
     if _c_ivs is not None:
         first &= (1 << iv_bits) - 1
-        return _c_ivs(first & _U64_MASK, first >> 64, step, iv_bits, count)
+        return _c_ivs(first & _M64, first >> 64, step, iv_bits, count)
     if count <= SMALL_IV_COUNT:
         return iv_bytes(first, count, step, iv_bits)
     ivs = scratch(name, 2 * count)[: 2 * count].reshape(count, 2)

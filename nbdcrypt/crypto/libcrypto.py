@@ -151,7 +151,7 @@ class UnitEngine:
 
     @property
     def native(self) -> bool:
-        """Whether a request is one C call (then this is the fastest path for every shape)."""
+        """Whether a request is one C call (the loop in _units.c) rather than a Python loop."""
         return self._native is not None
 
     def _context(self, encrypt: bool) -> _Context:
@@ -194,8 +194,8 @@ class UnitEngine:
 
 class XtsEngine:
     """AES-XTS of whole requests in the C module from two ECB contexts (K1 and K2), no
-    per-unit call at all: the fastest path for every unit size (see _units.c). Contexts are
-    per thread, like UnitEngine's; keys with equal halves are fine here."""
+    per-unit call at all: the fastest path for units under 2 KiB (see _units.c). Contexts
+    are per thread, like UnitEngine's; keys with equal halves are fine here."""
 
     __slots__ = ("_k1", "_k2", "_local", "_update")
 
