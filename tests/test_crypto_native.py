@@ -6,6 +6,7 @@ a missing build would silently put every request back on the slower Python paths
 
 from __future__ import annotations
 
+import errno
 import threading
 
 import numpy as np
@@ -155,3 +156,18 @@ def test_iv_blocks_from_c_equal_python(first: int, step: int, bits: int, count: 
     """batch.ivs_for (the C module's ivs) against the Python definition, across the wraps."""
     expected = batch.iv_bytes(first, count, step, bits)
     assert bytes(batch.ivs_for(first, count, step, bits, "test")) == expected
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_libcrypto_failure_is_eio(use_native: bool) -> None:
+    """OpenSSL refuses an XTS data unit over 2^20 blocks: the request fails with EIO (what the
+    client gets), the C loop and the Python loop alike, and the engine still works after."""
+    engine = libcrypto.UnitEngine("xts", bytes(range(64)), use_native=use_native)
+    size = 32 << 20
+    with pytest.raises(OSError) as caught:
+        engine.run(bytes(size), bytes(16), size, memoryview(bytearray(size)), encrypt=True)
+    assert caught.value.errno == errno.EIO
+    out = bytearray(512)
+    engine.run(bytes(512), bytes(16), 512, memoryview(out), encrypt=True)
+    expected = reference("xts", bytes(range(64)), bytes(512), bytes(16), 512, encrypt=True)
+    assert bytes(out) == expected

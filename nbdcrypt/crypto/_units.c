@@ -22,8 +22,18 @@ typedef int (*cipher_update_fn)(void *ctx, unsigned char *out, int *outl, const 
 
 #define IV_BLOCK 16
 
+/* OSError(EIO, ...), as UnitEngine's Python loop raises it: the server answers the request EIO. */
+static PyObject *cipher_failed(void) {
+    PyObject *exc = PyObject_CallFunction(PyExc_OSError, "is", EIO, "libcrypto: the cipher failed");
+    if (exc != NULL) {
+        PyErr_SetObject(PyExc_OSError, exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
 /* run(init, update, ctx, src, dst, ivs, unit_size) -> None
- * Unit i of src (IV block i of ivs) into dst; raises OSError(EIO) if libcrypto fails. */
+ * Unit i of src (IV block i of ivs) into dst; OSError(EIO) if libcrypto fails. */
 static PyObject *units_run(PyObject *self, PyObject *args) {
     unsigned long long init_addr, update_addr, ctx_addr;
     Py_buffer src, dst, ivs;
@@ -68,10 +78,8 @@ static PyObject *units_run(PyObject *self, PyObject *args) {
     PyBuffer_Release(&src);
     PyBuffer_Release(&dst);
     PyBuffer_Release(&ivs);
-    if (failed) {
-        errno = EIO;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
+    if (failed)
+        return cipher_failed();
     Py_RETURN_NONE;
 }
 
@@ -187,10 +195,8 @@ static PyObject *units_xts(PyObject *self, PyObject *args) {
     PyBuffer_Release(&src);
     PyBuffer_Release(&dst);
     PyBuffer_Release(&ivs);
-    if (failed) {
-        errno = EIO;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
+    if (failed)
+        return cipher_failed();
     Py_RETURN_NONE;
 }
 

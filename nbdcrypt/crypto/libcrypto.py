@@ -174,7 +174,11 @@ class UnitEngine:
         """Unit i of `data` with the 16-byte IV block i of `ivs` into `target` (same length)."""
         ctx = self._context(encrypt).ptr
         if self._native is not None and _c_loop is not None:
-            _c_loop(*self._native, ctx or 0, data, target, ivs, unit_size)
+            try:
+                _c_loop(*self._native, ctx or 0, data, target, ivs, unit_size)
+            except OSError:
+                _lib.ERR_clear_error()  # the thread's queue is shared with Python's ssl module
+                raise
             return
         length = len(target)
         src, keep_src = address(data)
@@ -185,8 +189,10 @@ class UnitEngine:
         init, update = _lib.EVP_CipherInit_ex, _lib.EVP_CipherUpdate
         for at in range(0, length, unit_size):
             if init(ctx, None, None, None, iv, -1) != 1:
+                _lib.ERR_clear_error()
                 raise OSError(errno.EIO, "libcrypto: EVP_CipherInit_ex failed")
             if update(ctx, dst + at, written_ptr, src + at, unit_size) != 1:
+                _lib.ERR_clear_error()
                 raise OSError(errno.EIO, "libcrypto: EVP_CipherUpdate failed")
             iv += BLOCK
         del keep_src, keep_dst, keep_ivs
@@ -237,4 +243,8 @@ class XtsEngine:
         """Unit i of `data` with the 16-byte IV block i of `ivs` into `target` (same length)."""
         tweak, enc, dec = self._contexts()
         data_ctx = enc.ptr if encrypt else dec.ptr
-        _c_xts(self._update, tweak.ptr or 0, data_ctx or 0, data, target, ivs, unit_size)
+        try:
+            _c_xts(self._update, tweak.ptr or 0, data_ctx or 0, data, target, ivs, unit_size)
+        except OSError:
+            _lib.ERR_clear_error()
+            raise
