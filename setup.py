@@ -1,6 +1,7 @@
 """Builds nbdcrypt's one optional C module (the rest of the project is in pyproject.toml).
 
-nbdcrypt/crypto/_units.c runs libcrypto's per-data-unit loop without the GIL. It needs a C
+nbdcrypt/crypto/_units.c runs whole requests of data units through libcrypto without the GIL
+(the per-unit loop, AES-XTS from ECB for small units, the IV blocks). It needs a C
 compiler and Python's headers (Debian: gcc, libc6-dev, python3-dev); without them the install
 still succeeds and the ciphers use their Python paths (slower, same bytes).
 """

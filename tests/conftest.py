@@ -80,7 +80,13 @@ def _wait_ready(server: RunningServer, timeout: float = 30.0) -> None:
     raise AssertionError(f"server not ready within {timeout}s:\n{server.log}")
 
 
-def launch_server(workdir: Path, config: str, *extra: str, name: str = "nbdcrypt") -> RunningServer:
+def launch_server(
+    workdir: Path,
+    config: str,
+    *extra: str,
+    name: str = "nbdcrypt",
+    env: dict[str, str] | None = None,
+) -> RunningServer:
     """Start `nbdcrypt serve` on CONFIG (written to workdir/NAME.yaml) and wait until it listens.
 
     It listens on workdir/NAME.sock and a free loopback port. The caller stops it (by pid).
@@ -96,7 +102,8 @@ def launch_server(workdir: Path, config: str, *extra: str, name: str = "nbdcrypt
         "--log-level", "debug", *extra,
     ]  # fmt: skip
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        environ = {**os.environ, **env} if env is not None else None
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=environ)
     server = RunningServer(proc, cfg, sock, port, log)
     try:
         _wait_ready(server)
@@ -120,8 +127,10 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
     """
     servers: list[RunningServer] = []
 
-    def start(config: str, *extra: str, name: str = "nbdcrypt") -> RunningServer:
-        server = launch_server(tmp_path, config, *extra, name=name)
+    def start(
+        config: str, *extra: str, name: str = "nbdcrypt", env: dict[str, str] | None = None
+    ) -> RunningServer:
+        server = launch_server(tmp_path, config, *extra, name=name, env=env)
         servers.append(server)
         return server
 

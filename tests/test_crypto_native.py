@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import errno
 import threading
+from pathlib import Path
 
+import nbd
 import numpy as np
 import pytest
+from conftest import StartServer
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -171,3 +174,51 @@ def test_libcrypto_failure_is_eio(use_native: bool) -> None:
     engine.run(bytes(512), bytes(16), 512, memoryview(out), encrypt=True)
     expected = reference("xts", bytes(range(64)), bytes(512), bytes(16), 512, encrypt=True)
     assert bytes(out) == expected
+
+
+NO_C_CONFIG = """\
+keys:
+  k: {mode: aes-256-xts, data_unit_size: 512, source: {file: k.key, create: true}}
+devices:
+  f:
+    file: disk.img
+    size: 8M
+    inline_crypto: {keyslots: 2, modes: {aes-256-xts: [512]}, max_dun_bytes: 8}
+  c: {table: ["0 4096 crypt aes-xts-plain64 %s 0 f 8192"]}
+exports:
+  inline: {device: f, key: k}
+  crypt: {device: c}
+"""
+
+
+def test_a_server_without_the_c_module_writes_the_same_bytes(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """An install without a compiler: the server says so once and serves from the Python
+    paths; what lands on disk equals what the C paths compute, both through the inline engine
+    (blk-crypto, DUN = 512-byte unit) and through a dm-crypt table."""
+    blocker = tmp_path / "no_c_module"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['nbdcrypt.crypto._units'] = None  # as if never built\n"
+    )
+    table_key = np.random.default_rng(5).bytes(64)
+    config = NO_C_CONFIG % table_key.hex()
+    server = start_server(config, env={"PYTHONPATH": str(blocker)})
+    assert "ciphers: no C module built" in server.log
+    data = np.random.default_rng(6).bytes(1 << 20)  # 2048 units: the numpy batched path
+    for export, offset in (("inline", 0), ("crypt", 0)):
+        h = nbd.NBD()
+        h.connect_uri(server.uri(export))
+        h.pwrite(data, offset)
+        h.flush()
+        assert h.pread(len(data), offset) == data
+        h.shutdown()
+    assert server.stop() == 0
+    disk = (tmp_path / "disk.img").read_bytes()
+    key = (tmp_path / "k.key").read_bytes()
+    assert libcrypto.native()  # the test process has the C module: the oracle is the C path
+    inline = bytes(XtsCipher(key, iv_bits=128).encrypt(data, 0, 512))
+    assert disk[: len(data)] == inline
+    table = bytes(XtsCipher(table_key, iv_bits=64).encrypt(data, 0, 512))
+    assert disk[8192 * 512 : 8192 * 512 + len(data)] == table

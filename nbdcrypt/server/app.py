@@ -46,6 +46,7 @@ from nbdcrypt.config.model import (
 )
 from nbdcrypt.control.commands import ControlError, Controller, resume_suspended
 from nbdcrypt.control.server import ControlServer
+from nbdcrypt.crypto import libcrypto
 from nbdcrypt.device import Device
 from nbdcrypt.dm.device import MappedDevice
 from nbdcrypt.dm.table import Table, TableError
@@ -377,6 +378,8 @@ class Server:
             loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         await self.start()
         log.info("ready: %d export(s): %s", len(self.state.exports), ", ".join(self.state.exports))
+        if not libcrypto.native():
+            log.warning("ciphers: no C module built; encryption runs the slower Python paths")
         self.notifier.send("READY=1", f"STATUS=serving {len(self.state.exports)} export(s)")
         watchdog = self._start_watchdog(loop)
         await self._stop.wait()
