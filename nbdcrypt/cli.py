@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import logging
 import sys
@@ -20,6 +21,7 @@ from nbdcrypt.config.model import (
     ClientCertificate,
     Config,
     FileDeviceConfig,
+    IoMode,
     KeyFile,
     ListenAddress,
     LuksDeviceConfig,
@@ -36,6 +38,7 @@ from nbdcrypt.luks.cli import add_parser as add_luks_parser
 from nbdcrypt.luks.cli import check_lines as luks_check_lines
 from nbdcrypt.server import heap, systemd
 from nbdcrypt.server.app import Server
+from nbdcrypt.server.lockedloop import LockedLoop
 from nbdcrypt.stress.cli import add_parser as add_stress_parser
 from nbdcrypt.tls import TlsFileError, check_credentials
 
@@ -159,7 +162,10 @@ def _serve(args: argparse.Namespace) -> int:
             return 1
         return 1 if server.flush_failed else 0  # exit 0 only when everything reached disk
 
-    result: int = uvloop.run(run())
+    # With io: threads, connections run on threads sharing the loop's lock (server/lockedloop.py).
+    factory = LockedLoop if config.server.io is IoMode.THREADS else uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        result: int = runner.run(run())
     return result
 
 

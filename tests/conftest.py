@@ -63,14 +63,27 @@ class RunningServer:
         return code
 
 
+def _probe(port: int) -> None:
+    """Connect, end the handshake with NBD_OPT_ABORT and wait for the server to close: once
+    the socket reads EOF the server has let the connection go, so a test that counts
+    connections (max_connections) does not find the probe still there."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        greeting = s.recv(18)
+        if len(greeting) < 18:
+            raise ConnectionError("no greeting")
+        abort = b"IHAVEOPT" + (2).to_bytes(4, "big") + (0).to_bytes(4, "big")
+        s.sendall((3).to_bytes(4, "big") + abort)  # FIXED_NEWSTYLE | NO_ZEROES, then ABORT
+        while s.recv(4096):
+            pass
+
+
 def _wait_ready(server: RunningServer, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
             raise AssertionError(f"server exited with {server.proc.returncode}:\n{server.log}")
         try:
-            with socket.create_connection(("127.0.0.1", server.port), timeout=1):
-                pass
+            _probe(server.port)
             if server.socket_path.exists():
                 return
         except OSError:

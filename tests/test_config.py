@@ -381,7 +381,7 @@ ERRORS = [
     (
         "server-unknown",
         "server:\n  listen: tcp://h\n  port: 1\n" + DEVICES + EXPORTS,
-        "3: server.port: unknown key (allowed: listen, limits, tls, control, metrics)",
+        "3: server.port: unknown key (allowed: listen, limits, tls, control, metrics, io)",
     ),
     (
         "missing-listen",

@@ -1,9 +1,12 @@
 """A backing file: pread/pwrite, fdatasync for FLUSH and FUA, holes for TRIM and zeroes.
 
-Reads and plain writes run on the event loop thread: on the page cache they take a few
-microseconds, less than handing them to a thread would. Everything that waits for the disk
-(fdatasync, FUA writes) or may take long (writing zeroes over a wide range) runs in the loop's
-default executor, so one client's flush never stalls another client's reads.
+Reads and plain writes run where the request runs: on the page cache they take a few
+microseconds, less than handing them to a thread would. With `io: threads` that is the client's
+connection thread, which lets go of the server lock for each system call
+(server/lockedloop.py), so connections read and write at once. Everything that waits for the
+disk (fdatasync, FUA writes) or may take long (writing zeroes over a wide range) runs inline on
+a connection thread and in the loop's default executor on the loop thread, so one client's
+flush never stalls another client's reads.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from nbdcrypt.backends.fallocate import punch_hole, zero_range
 from nbdcrypt.device import Device, DeviceCaps
 from nbdcrypt.request import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, Extent, ReqFlag, Request
+from nbdcrypt.server.lockedloop import on_connection_thread, unlocked
 
 _ZERO_CHUNK = 1024 * 1024
 _MAX_EXTENTS = 1024  # per block_status answer; the client asks again for the rest
@@ -67,7 +71,8 @@ class FileDevice(Device):
         return fd
 
     async def read(self, req: Request) -> bytes | bytearray | memoryview:
-        data = os.pread(self.fd, req.length, req.offset)
+        with unlocked():
+            data = os.pread(self.fd, req.length, req.offset)
         if len(data) == req.length:
             return data
         return self._read_rest(data, req)
@@ -77,7 +82,8 @@ class FileDevice(Device):
         buf[: len(first)] = first
         got = len(first)
         while got < req.length:
-            chunk = os.pread(self.fd, req.length - got, req.offset + got)
+            with unlocked():
+                chunk = os.pread(self.fd, req.length - got, req.offset + got)
             if not chunk:
                 break  # past the end of a file that shrank under us: reads as zeroes
             buf[got : got + len(chunk)] = chunk
@@ -96,11 +102,16 @@ class FileDevice(Device):
         view = memoryview(data)
         flags = os.RWF_DSYNC if sync else 0
         while view:
-            done = os.pwritev(self.fd, [view], offset, flags)
+            with unlocked():
+                done = os.pwritev(self.fd, [view], offset, flags)
             view, offset = view[done:], offset + done
 
     async def flush(self) -> None:
-        await self._run(os.fdatasync, self.fd)
+        await self._run(self._fdatasync)
+
+    def _fdatasync(self) -> None:
+        with unlocked():
+            os.fdatasync(self.fd)
 
     async def trim(self, req: Request) -> None:
         self._fallocate(punch_hole, req)  # TRIM is advisory: where holes are unsupported, no-op
@@ -149,9 +160,13 @@ class FileDevice(Device):
             self.fd = -1
 
     @staticmethod
-    async def _run(func: object, *args: object) -> None:
+    async def _run(func: Callable[..., object], *args: object) -> None:
+        """A call that may block long: inline on a connection thread, else in the executor."""
+        if on_connection_thread():
+            func(*args)  # its system calls let go of the lock themselves
+            return
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, func, *args)  # type: ignore[arg-type]
+        await loop.run_in_executor(None, func, *args)
 
 
 def file_extents(fd: int, offset: int, end: int, size: int) -> list[Extent]:

@@ -42,6 +42,7 @@ from .model import (
     ExportConfig,
     FileDeviceConfig,
     InlineCryptoConfig,
+    IoMode,
     KeyConfig,
     KeyCredential,
     KeyEnv,
@@ -541,7 +542,7 @@ def _server(
         if not override and listen_required:
             top.require("server", why)
         return ServerConfig(override)
-    fields = item.fields(("listen", "limits", "tls", "control", "metrics"))
+    fields = item.fields(("listen", "limits", "tls", "control", "metrics", "io"))
     tls = fields.opt("tls", _tls, TlsConfig())
     no_listen: tuple[ListenAddress, ...] = ()
     listen = fields.opt("listen", _listen, no_listen)
@@ -550,8 +551,22 @@ def _server(
     control = fields.opt("control", _control, None)
     metrics = _metrics_apart(fields.get("metrics"), override or listen, control)
     return ServerConfig(
-        override or listen, _limits(fields.get("limits")), control, tls, metrics=metrics
+        override or listen,
+        _limits(fields.get("limits")),
+        control,
+        tls,
+        metrics=metrics,
+        io=fields.opt("io", _io_mode, IoMode.THREADS),
     )
+
+
+def _io_mode(item: _Item) -> IoMode:
+    """`io: threads` (the default) or `io: loop`."""
+    text = item.string()
+    try:
+        return IoMode(text.lower())
+    except ValueError:
+        item.fail(f"unknown io mode {_short(text)}: expected threads or loop")
 
 
 def _metrics(item: _Item) -> ListenAddress:

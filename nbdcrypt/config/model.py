@@ -47,6 +47,13 @@ class Limits:
     shutdown_timeout: float = 10.0  # seconds SIGTERM waits for in-flight requests
 
 
+class IoMode(Enum):
+    """Where a connection's requests run once its handshake is done (docs/ARCHITECTURE.md)."""
+
+    THREADS = "threads"  # a thread per connection, blocking socket calls, one lock for state
+    LOOP = "loop"  # every connection on the one uvloop event loop thread
+
+
 class TlsMode(Enum):
     """NBD_OPT_STARTTLS policy: refused, offered, or required before any other option."""
 
@@ -81,6 +88,7 @@ class ServerConfig:
     control: Path | None = None  # the control socket `nbdcrypt ctl` talks to (unix, 0600)
     tls: TlsConfig = field(default_factory=TlsConfig)
     metrics: ListenAddress | None = None  # where Prometheus scrapes GET /metrics (tcp or unix)
+    io: IoMode = IoMode.THREADS  # how connections run (read at startup; a reload keeps it)
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,6 +59,7 @@ from nbdcrypt.metrics.collector import ServerCollector
 from nbdcrypt.metrics.counters import Counters
 from nbdcrypt.metrics.endpoint import MetricsEndpoint
 from nbdcrypt.server.connection import Connection
+from nbdcrypt.server.lockedloop import LockedLoop
 from nbdcrypt.server.reload import ReloadError
 from nbdcrypt.server.reload import plan as reload_plan
 from nbdcrypt.server.systemd import ActivatedSocket, Notifier
@@ -378,6 +379,8 @@ class Server:
             loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         await self.start()
         log.info("ready: %d export(s): %s", len(self.state.exports), ", ".join(self.state.exports))
+        threads = isinstance(loop, LockedLoop)  # io: threads, as the command line runs it
+        log.info("connections run %s", "on threads" if threads else "on the event loop")
         if not libcrypto.native():
             log.warning("ciphers: no C module built; encryption runs the slower Python paths")
         self.notifier.send("READY=1", f"STATUS=serving {len(self.state.exports)} export(s)")

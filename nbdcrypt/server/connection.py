@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import socket
 import time
 from collections import deque
@@ -52,7 +53,7 @@ from nbdcrypt.nbd.transmission import (
     simple_reply,
 )
 from nbdcrypt.request import Extent, Op, ReqFlag, Request
-from nbdcrypt.server import eager
+from nbdcrypt.server import eager, threaded
 from nbdcrypt.server.identity import PeerIdentity, identify
 from nbdcrypt.tls import describe_tls_error, peer_names
 
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
     from nbdcrypt.device import Device
     from nbdcrypt.export import Export, OpenExport
     from nbdcrypt.server.app import ServerState
+    from nbdcrypt.server.lockedloop import LockedLoop
 
 log = logging.getLogger("nbdcrypt.connection")
 
@@ -170,6 +172,12 @@ class Connection(asyncio.BufferedProtocol):
                 return target
         self._into_payload = False
         return self._header_view if self._header_only else self._read_view
+
+    @property
+    def reading_payload(self) -> bool:
+        """The last get_buffer() gave the rest of a write payload (fill it whole, then call
+        buffer_updated once: the connection threads do)."""
+        return self._into_payload
 
     def buffer_updated(self, nbytes: int) -> None:
         parser = self._parser
@@ -405,8 +413,30 @@ class Connection(asyncio.BufferedProtocol):
             ", base:allocation" if neg.base_allocation else "",
             extra=self._log_fields(view, "open", readonly=view.readonly, size=view.size),
         )
+        loop = threaded.thread_loop()
+        if loop is not None and not self.identity.tls and self._hand_to_thread(loop, started):
+            return
         if started.trailing:
             self.data_received(started.trailing)
+
+    def _hand_to_thread(self, loop: LockedLoop, started: hs.TransmissionStarted) -> bool:
+        """Run the transmission phase on a thread of its own (server/threaded.py): the socket
+        leaves the loop's transport for a blocking one the thread owns. False if it cannot."""
+        old = self._transport
+        raw = old.get_extra_info("socket")
+        if raw is None or old.get_write_buffer_size() or old.is_closing():
+            return False  # the handshake's last reply is still queued: stay on the loop
+        sock = socket.socket(fileno=os.dup(raw.fileno()))
+        old.set_protocol(_Detached())
+        old.abort()  # closes the loop's descriptor, not the socket: the thread holds a dup
+        sock.setblocking(True)
+        extra = {"socket": sock}
+        thread = threaded.ThreadTransport(
+            self, sock, loop, extra, high=self.state.limits.max_inflight_bytes // 2
+        )
+        self.transport = self._transport = thread
+        thread.start(started.trailing)
+        return True
 
     # TLS ------------------------------------------------------------------------------------
 
@@ -797,6 +827,10 @@ class Connection(asyncio.BufferedProtocol):
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed)
+
+
+class _Detached(asyncio.Protocol):
+    """What the loop's transport reports to once its socket went to a connection thread."""
 
 
 def _key_label(view: OpenExport) -> str:

@@ -78,6 +78,11 @@ def plan(old: Config, new: Config, *, socket_activated: bool = False) -> ReloadP
             f"server.control changed ({old.server.control} -> {new.server.control}): the "
             "control socket moves only with a restart"
         )
+    if new.server.io != old.server.io:
+        raise ReloadError(
+            f"server.io changed ({old.server.io.value} -> {new.server.io.value}): connections "
+            "change how they run only with a restart"
+        )
     result = ReloadPlan()
     for name, cfg in new.devices.items():
         before = old.devices.get(name)

@@ -1,0 +1,329 @@
+"""One connection's transmission phase on its own thread: blocking reads, requests, replies.
+
+Why a thread per connection (docs/ARCHITECTURE.md, "Connection threads"): a unix-socket read
+or reply wakes the client thread onto the waker's CPU (a "sync" wake-up, which assumes the
+waker is about to sleep). nbdkit's threads do sleep right after; one event loop serving every
+connection does not, so it shared one vCPU with the client while the other idled. A thread
+that blocks in recv() right after it woke its client is what the scheduler expects.
+
+ThreadTransport stands in for the asyncio transport, so Connection runs unchanged: its
+protocol callbacks (get_buffer, buffer_updated, eof_received, resume_writing,
+connection_lost) are called on this thread with the server lock held (server/lockedloop.py).
+Replies collect in an outbox and are sent after the lock is let go; replies made on the loop
+(requests that had to wait) are sent at once if the socket takes them, else by an executor
+thread. Every method here is called with the server lock held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import Iterable, Sequence
+from socket import MSG_WAITALL
+from typing import TYPE_CHECKING, Any
+
+from nbdcrypt.server.lockedloop import LockedLoop
+
+if TYPE_CHECKING:
+    from nbdcrypt.server.connection import Connection
+
+log = logging.getLogger("nbdcrypt.connection")
+
+_MAX_IOV = 1024  # buffers per sendmsg (IOV_MAX)
+
+
+class ThreadTransport(asyncio.Transport):
+    """The asyncio.Transport a connection uses once a thread runs its transmission phase.
+
+    Replies queue in `_out` (under the server lock) and go out under `_send_lock`, which keeps
+    each batch whole on the wire: the thread sends its own after letting go of the server
+    lock; replies made on the loop go out at once if the socket takes them, else an executor
+    thread sends the rest, still holding the send lock the loop took. Queued minus sent is
+    the write buffer the connection's cap counts; each counter has one writer at a time.
+    """
+
+    def __init__(
+        self,
+        protocol: Connection,
+        sock: socket.socket,
+        loop: LockedLoop,
+        extra: dict[str, Any],
+        high: int,
+    ) -> None:
+        super().__init__(extra)
+        self._protocol = protocol
+        self._sock = sock
+        self._loop = loop
+        self._lock = loop.lock
+        self._wake = threading.Condition(loop.lock)  # reading resumed, or closing
+        self._send_lock = threading.Lock()
+        self._out: list[bytes | bytearray | memoryview] = []
+        self._queued = 0  # bytes ever queued (under the server lock)
+        self._sent = 0  # bytes ever sent or dropped (under the send lock)
+        self._high = high
+        self._low = high // 4
+        self._write_paused = False
+        self._read_paused = False
+        self._closing = False
+        self._aborted = False
+        self._trailing = b""
+        self._thread = threading.Thread(target=self._run, name="nbd-connection", daemon=True)
+
+    def start(self, trailing: bytes) -> None:
+        """Run the thread; `trailing` is what the client sent after the handshake's last
+        option (already read from the socket)."""
+        self._trailing = trailing
+        self._thread.start()
+
+    # asyncio.Transport ---------------------------------------------------------------------
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def is_reading(self) -> bool:
+        return not self._read_paused
+
+    def pause_reading(self) -> None:
+        self._read_paused = True
+
+    def resume_reading(self) -> None:
+        if self._read_paused:
+            self._read_paused = False
+            self._wake.notify()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._high = high if high is not None else self._high
+        self._low = low if low is not None else self._high // 4
+
+    def get_write_buffer_size(self) -> int:
+        return self._queued - self._sent
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writelines((data,))
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        if self._closing:
+            return
+        out = self._out
+        for data in list_of_data:
+            out.append(data)
+            self._queued += len(data)
+        if threading.get_ident() != self._thread.ident:  # not the thread: it may sleep in recv
+            self._send_from_elsewhere()
+        if self._queued - self._sent > self._high and not self._write_paused:
+            self._write_paused = True
+            self._protocol.pause_writing()
+
+    def write_eof(self) -> None:
+        raise NotImplementedError("NBD never half-closes")
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        """Send what is queued, then close (the thread does, after its current read)."""
+        if not self._closing:
+            self._closing = True
+            self._wake.notify()
+            self._shutdown(socket.SHUT_RD)  # wakes the thread if it waits in recv()
+
+    def abort(self) -> None:
+        """Close now; queued replies are dropped."""
+        self._closing = self._aborted = True
+        self._out.clear()
+        self._wake.notify()
+        self._shutdown(socket.SHUT_RDWR)
+
+    # The thread -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        asyncio.events._set_running_loop(self._loop)  # the asyncio code it runs finds the loop
+        exc: BaseException | None = None
+        try:
+            self._receive()
+        except OSError as err:
+            exc = err
+        except BaseException as err:  # a bug: log it, close the connection, keep the server
+            log.exception("connection thread failed")
+            exc = err
+        finally:
+            self._finish(exc)
+
+    def _receive(self) -> None:
+        """Read and run requests, send their replies: the server lock is let go only for the
+        socket calls (and, inside the devices, for their own blocking calls)."""
+        protocol, lock, sock, wake = self._protocol, self._lock, self._sock, self._wake
+        with lock:
+            if self._trailing:
+                protocol.data_received(self._trailing)
+            self._trailing = b""
+            while True:
+                out = self._take()
+                while self._read_paused and not self._closing:
+                    if out:  # the queued replies may be what keeps the connection paused
+                        self._send_unlocked(out)
+                        self._room()
+                        out = self._take()
+                    else:
+                        wake.wait()
+                if self._closing:
+                    self._out[:0] = out
+                    return
+                buf = protocol.get_buffer(-1)
+                whole = protocol.reading_payload  # a payload's rest: one call fills it
+                lock.release()
+                try:
+                    if out:
+                        self._send(out)
+                    n = sock.recv_into(buf, 0, MSG_WAITALL if whole else 0)
+                finally:
+                    lock.acquire()
+                if out:
+                    self._room()
+                while self._read_paused and not self._closing:  # paused while in recv():
+                    wake.wait()  # the bytes wait in the protocol's buffer, as asyncio's do
+                if self._closing:
+                    return
+                if n:
+                    protocol.buffer_updated(n)
+                elif protocol.eof_received():  # the client half-closed: replies still go out
+                    self._read_paused = True
+                else:
+                    self.close()
+                    return
+
+    def _finish(self, exc: BaseException | None) -> None:
+        """Send what is left (unless aborted), close the socket, tell the protocol."""
+        if not self._aborted:
+            with contextlib.suppress(OSError):  # the client is gone: nothing more to send
+                self._drain()
+        with self._send_lock, self._lock:  # no executor thread is sending any more
+            self._closing = True
+            self._out.clear()
+            self._sent = self._queued
+            self._shutdown(socket.SHUT_RDWR)
+            self._sock.close()
+            self._protocol.connection_lost(exc if isinstance(exc, Exception) else None)
+
+    def _shutdown(self, how: int) -> None:
+        with contextlib.suppress(OSError):  # already closed by the client, or not connected
+            self._sock.shutdown(how)
+
+    # Sending ----------------------------------------------------------------------------------
+
+    def _take(self) -> list[bytes | bytearray | memoryview]:
+        out = self._out
+        if out:
+            self._out = []
+        return out
+
+    def _send(self, out: list[bytes | bytearray | memoryview]) -> None:
+        """Send a batch whole (blocking); the caller does not hold the server lock."""
+        with self._send_lock:
+            self._sent += _send_all(self._sock, out)
+
+    def _send_unlocked(self, out: list[bytes | bytearray | memoryview]) -> None:
+        """Send a batch with the server lock, which this thread holds, let go meanwhile."""
+        self._lock.release()
+        try:
+            self._send(out)
+        finally:
+            self._lock.acquire()
+
+    def _room(self) -> None:
+        """After a send (server lock held): let the protocol go on if it waited for room."""
+        if self._write_paused and self._queued - self._sent <= self._low:
+            self._write_paused = False
+            self._protocol.resume_writing()
+        elif self._read_paused and not self._closing:
+            self._protocol.resume_writing()  # the connection's cap counts queued replies
+
+    def _send_from_elsewhere(self) -> None:
+        """Replies made off the thread (server lock held): send what the socket takes now
+        and leave the rest, with the send lock, to an executor thread."""
+        if not self._send_lock.acquire(blocking=False):
+            self._loop.run_in_executor(None, self._drain_logged)  # after the current sender
+            return
+        out, self._out = self._out, []
+        try:
+            sent = _send_nowait(self._sock, out)
+        except OSError:
+            self._send_lock.release()
+            return  # the thread sees the socket fail on its next read
+        self._sent += sent
+        rest = _skip(out, sent)
+        if not rest:
+            self._send_lock.release()
+            return
+        self._loop.run_in_executor(None, self._finish_send, rest)
+
+    def _finish_send(self, rest: list[memoryview]) -> None:
+        """In an executor thread: the rest of a batch the loop began (its send lock held)."""
+        try:
+            self._sent += _send_all(self._sock, rest)
+        except OSError as exc:
+            log.debug("connection: reply send failed: %s", exc)
+        finally:
+            self._send_lock.release()
+        self._drain_logged()
+
+    def _drain(self) -> None:
+        """Send everything queued (blocking); for threads that do not hold the server lock."""
+        while True:
+            with self._send_lock:
+                with self._lock:
+                    out = self._take()
+                if not out:
+                    return
+                self._sent += _send_all(self._sock, out)
+            with self._lock:
+                self._room()
+
+    def _drain_logged(self) -> None:
+        try:
+            self._drain()
+        except OSError as exc:
+            log.debug("connection: reply send failed: %s", exc)
+
+
+def _send_all(sock: socket.socket, out: Sequence[bytes | bytearray | memoryview]) -> int:
+    """Send every buffer (blocking); return the bytes sent."""
+    total = 0
+    views = [memoryview(b) for b in out]
+    while views:
+        n = sock.sendmsg(views[:_MAX_IOV])
+        total += n
+        views = _skip(views, n)
+    return total
+
+
+def _send_nowait(sock: socket.socket, out: list[bytes | bytearray | memoryview]) -> int:
+    """Send what the socket takes without blocking; return the bytes sent."""
+    try:
+        return sock.sendmsg(out[:_MAX_IOV], [], socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return 0
+
+
+def _skip(bufs: Sequence[bytes | bytearray | memoryview], n: int) -> list[memoryview]:
+    """The buffers left after the first `n` bytes were sent."""
+    i = 0
+    while i < len(bufs) and n >= len(bufs[i]):
+        n -= len(bufs[i])
+        i += 1
+    rest = [memoryview(b) for b in bufs[i:]]
+    if rest and n:
+        rest[0] = rest[0][n:]
+    return rest
+
+
+def thread_loop() -> LockedLoop | None:
+    """The running loop if connections may run on threads, else None."""
+    loop = asyncio.get_running_loop()
+    return loop if isinstance(loop, LockedLoop) else None
