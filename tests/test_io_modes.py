@@ -22,7 +22,8 @@ from conftest import StartServer, run
 
 from nbdcrypt.config.loader import ConfigError, load_config
 from nbdcrypt.config.model import IoMode
-from nbdcrypt.server.lockedloop import LockedLoop, on_connection_thread, unlocked
+from nbdcrypt.server.lockedloop import LockedLoop
+from nbdcrypt.threadrole import on_connection_thread, unlocked
 
 CONFIG = """\
 server: {{io: {io}{extra}}}

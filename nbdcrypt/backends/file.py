@@ -21,7 +21,7 @@ from pathlib import Path
 from nbdcrypt.backends.fallocate import punch_hole, zero_range
 from nbdcrypt.device import Device, DeviceCaps
 from nbdcrypt.request import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, Extent, ReqFlag, Request
-from nbdcrypt.server.lockedloop import on_connection_thread, unlocked
+from nbdcrypt.threadrole import on_connection_thread, unlocked
 
 _ZERO_CHUNK = 1024 * 1024
 _MAX_EXTENTS = 1024  # per block_status answer; the client asks again for the rest
@@ -31,6 +31,11 @@ _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)
 
 class BackingFileError(Exception):
     """The backing file can't be opened or created as configured (a one-line reason)."""
+
+
+# Reads and writes this large let go of the server lock (threadrole.py) while in the kernel;
+# a page-cache copy of a few KiB takes less than letting another thread in and out again.
+UNLOCK_MIN = 64 * 1024
 
 
 class FileDevice(Device):
@@ -71,8 +76,11 @@ class FileDevice(Device):
         return fd
 
     async def read(self, req: Request) -> bytes | bytearray | memoryview:
-        with unlocked():
+        if req.length < UNLOCK_MIN:
             data = os.pread(self.fd, req.length, req.offset)
+        else:
+            with unlocked():
+                data = os.pread(self.fd, req.length, req.offset)
         if len(data) == req.length:
             return data
         return self._read_rest(data, req)
@@ -102,8 +110,11 @@ class FileDevice(Device):
         view = memoryview(data)
         flags = os.RWF_DSYNC if sync else 0
         while view:
-            with unlocked():
+            if len(view) < UNLOCK_MIN and not sync:
                 done = os.pwritev(self.fd, [view], offset, flags)
+            else:
+                with unlocked():
+                    done = os.pwritev(self.fd, [view], offset, flags)
             view, offset = view[done:], offset + done
 
     async def flush(self) -> None:

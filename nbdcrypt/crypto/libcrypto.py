@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from nbdcrypt.crypto.batch import BLOCK, U64, Buffer
+from nbdcrypt.threadrole import unlocked
 
 try:
     from nbdcrypt.crypto._units import run as _c_loop
@@ -91,9 +92,13 @@ def _function_address(function: Any) -> int:
 
 def _c_call(function: Callable[..., None], *args: object) -> None:
     """Call into _units.c; on failure (OSError EIO) clear this thread's OpenSSL error queue,
-    which Python's ssl module shares, before the error goes up."""
+    which Python's ssl module shares, before the error goes up.
+
+    The call touches only the request's buffers and this thread's contexts, so it lets go of
+    the server lock (threadrole.py): connection threads encrypt at once, one per core."""
     try:
-        function(*args)
+        with unlocked():
+            function(*args)
     except OSError:
         _lib.ERR_clear_error()
         raise

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from contextvars import Context
 from typing import TypeVarTuple
 
+from nbdcrypt import threadrole
+
 _Ts = TypeVarTuple("_Ts")
 
 
@@ -48,14 +50,15 @@ class LockedLoop(asyncio.SelectorEventLoop):
         self.lock = threading.Lock()
         super().__init__(_LockedSelector(self.lock))
         self.owner = 0  # the loop's thread while it runs
-        self.unlocked = _Unlocked(self.lock)
 
     def run_forever(self) -> None:
         self.lock.acquire()
         self.owner = threading.get_ident()
+        threadrole.enter(self.lock, connection=False)
         try:
             super().run_forever()
         finally:
+            threadrole.leave()
             self.owner = 0
             self.lock.release()
 
@@ -83,48 +86,8 @@ class LockedLoop(asyncio.SelectorEventLoop):
         return handle
 
 
-class _Unlocked:
-    """Lets go of a held lock for a blocking call: `with unlocked(): os.pwritev(...)`."""
-
-    __slots__ = ("_lock",)
-
-    def __init__(self, lock: threading.Lock) -> None:
-        self._lock = lock
-
-    def __enter__(self) -> None:
-        self._lock.release()
-
-    def __exit__(self, *exc: object) -> None:
-        self._lock.acquire()
-
-
-class _Held:
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        pass
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-_HELD = _Held()
-
-
-def unlocked() -> _Unlocked | _Held:
-    """Around a blocking system call in a device: let other connections run meanwhile.
-
-    Under a LockedLoop, code that runs with the loop set as running (the loop's callbacks, a
-    connection thread's requests) holds the lock; letting it go for a syscall is no different
-    from an await. Elsewhere (uvloop, executor threads) it does nothing.
-    """
-    loop = asyncio.events._get_running_loop()
-    if type(loop) is LockedLoop:
-        return loop.unlocked
-    return _HELD
-
-
-def on_connection_thread() -> bool:
-    """True on a connection thread, where a blocking call stalls only its own client."""
-    loop = asyncio.events._get_running_loop()
-    return type(loop) is LockedLoop and threading.get_ident() != loop.owner
+def become_connection_thread(loop: LockedLoop) -> None:
+    """Called first on a connection thread: the asyncio code it runs finds `loop`, and its
+    devices let go of the lock for their system calls."""
+    asyncio.events._set_running_loop(loop)
+    threadrole.enter(loop.lock, connection=True)

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from socket import MSG_WAITALL
 from typing import TYPE_CHECKING, Any
 
-from nbdcrypt.server.lockedloop import LockedLoop
+from nbdcrypt.server.lockedloop import LockedLoop, become_connection_thread
 
 if TYPE_CHECKING:
     from nbdcrypt.server.connection import Connection
@@ -70,6 +70,7 @@ class ThreadTransport(asyncio.Transport):
         self._closing = False
         self._aborted = False
         self._trailing = b""
+        self._ident: int | None = None
         self._thread = threading.Thread(target=self._run, name="nbd-connection", daemon=True)
 
     def start(self, trailing: bytes) -> None:
@@ -114,7 +115,7 @@ class ThreadTransport(asyncio.Transport):
         for data in list_of_data:
             out.append(data)
             self._queued += len(data)
-        if threading.get_ident() != self._thread.ident:  # not the thread: it may sleep in recv
+        if threading.get_ident() != self._ident:  # not the thread: it may sleep in recv
             self._send_from_elsewhere()
         if self._queued - self._sent > self._high and not self._write_paused:
             self._write_paused = True
@@ -143,7 +144,8 @@ class ThreadTransport(asyncio.Transport):
     # The thread -------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        asyncio.events._set_running_loop(self._loop)  # the asyncio code it runs finds the loop
+        self._ident = threading.get_ident()
+        become_connection_thread(self._loop)
         exc: BaseException | None = None
         try:
             self._receive()
@@ -294,8 +296,11 @@ class ThreadTransport(asyncio.Transport):
 
 def _send_all(sock: socket.socket, out: Sequence[bytes | bytearray | memoryview]) -> int:
     """Send every buffer (blocking); return the bytes sent."""
-    total = 0
-    views = [memoryview(b) for b in out]
+    size = sum(map(len, out))
+    total = sock.sendmsg(out[:_MAX_IOV])
+    if total == size:  # the usual case: one call took all
+        return total
+    views = _skip(out, total)
     while views:
         n = sock.sendmsg(views[:_MAX_IOV])
         total += n
