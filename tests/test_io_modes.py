@@ -13,12 +13,13 @@ import contextlib
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 
 import nbd
 import pytest
 from clients.util import MiB, handle, pattern, read_file_range, workdir
-from conftest import StartServer, run
+from conftest import RunningServer, StartServer, run
 
 from nbdcrypt.config.loader import ConfigError, load_config
 from nbdcrypt.config.model import IoMode
@@ -29,7 +30,7 @@ CONFIG = """\
 server: {{io: {io}{extra}}}
 devices:
   disk0: {{file: disk0.img, size: 32M}}
-  slow: {{table: ['0 16384 delay disk0 0 0 disk0 0 30', '16384 49152 linear disk0 16384']}}
+  slow: {{table: ['0 16384 delay disk0 0 5 disk0 0 30', '16384 49152 linear disk0 16384']}}
 exports:
   plain: {{device: disk0, default: true}}
   slow: {{device: slow}}
@@ -87,19 +88,60 @@ def test_slow_reader_does_not_stall_the_others(start_server: StartServer) -> Non
     """A client that asks for far more than its cap and never reads: its thread stops
     reading, and other clients on other threads are served meanwhile."""
     server = start_server(CONFIG.format(io="threads", extra=", limits: {max_inflight_bytes: 4M}"))
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(str(server.socket_path))
-        s.recv(18)
-        s.sendall(struct.pack(">I", 3) + b"IHAVEOPT" + struct.pack(">II", 1, 5) + b"plain")
-        s.recv(1024)  # EXPORT_NAME: size and flags (NO_ZEROES), then transmission
+    with open_raw(server, "plain") as s:
         reads = b"".join(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, 0, 4 * MiB) for i in range(64))
         s.setblocking(False)
         with contextlib.suppress(BlockingIOError):
             s.sendall(reads)  # 256 MiB of replies asked; none read
+        s.settimeout(60)
         with handle(server.uri("plain")) as h:
             h.pwrite(b"\x5a" * 4096, 0, nbd.CMD_FLAG_FUA)
             assert h.pread(4096, 0) == b"\x5a" * 4096
     assert server.stop() == 0
+
+
+def open_raw(server: RunningServer, export: str) -> socket.socket:
+    """A unix-socket session in transmission after NBD_OPT_EXPORT_NAME (simple replies)."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(60)  # a lost reply fails the test instead of hanging it
+    s.connect(str(server.socket_path))
+    recv_exact(s, 18)
+    name = export.encode()
+    s.sendall(struct.pack(">I", 3) + b"IHAVEOPT" + struct.pack(">II", 1, len(name)) + name)
+    recv_exact(s, 10)  # size and transmission flags (NO_ZEROES)
+    return s
+
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = s.recv_into(view[got:])
+        assert k, f"closed after {got} of {n} bytes"
+        got += k
+    return bytes(buf)
+
+
+def test_late_replies_through_a_full_socket_arrive_whole(start_server: StartServer) -> None:
+    """48 reads of 1 MiB through a delay leg finish on the loop while the client reads
+    nothing: their replies fill the socket and the rest leaves from an executor thread. Read
+    afterwards, every reply is whole, once, with its request's bytes."""
+    server = start_server(CONFIG.format(io="threads", extra=""))
+    data = b"".join(pattern(i, MiB) for i in range(8))
+    with (workdir(server) / "disk0.img").open("r+b") as f:
+        f.write(data)  # the delay leg's first 8 MiB
+    with open_raw(server, "slow") as s:
+        reads = (struct.pack(">IHHQQI", 0x25609513, 0, 0, i, i % 8 * MiB, MiB) for i in range(48))
+        s.sendall(b"".join(reads))
+        time.sleep(0.5)  # not a measurement: lets the replies pile up unread
+        got: dict[int, bytes] = {}
+        for _ in range(48):
+            magic, error, cookie = struct.unpack(">IIQ", recv_exact(s, 16))
+            assert (magic, error) == (0x67446698, 0) and cookie not in got
+            got[cookie] = recv_exact(s, MiB)
+    assert got == {i: data[i % 8 * MiB : (i % 8 + 1) * MiB] for i in range(48)}
+    assert server.stop() == 0
+    assert "Traceback" not in server.log
 
 
 def test_io_mode_in_the_config(tmp_path: Path) -> None:
