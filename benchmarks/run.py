@@ -257,6 +257,11 @@ def plain_config(ctx: ServerContext) -> str:
     return f"devices:\n  {name}:\n    file: {path}\nexports:\n  {name}:\n    device: {name}\n"
 
 
+def loop_config(ctx: ServerContext) -> str:
+    """The plain export with every connection on the one uvloop loop (`server.io: loop`)."""
+    return "server: {io: loop}\n" + plain_config(ctx)
+
+
 def crypt_config(unit: int) -> Callable[[ServerContext], str]:
     """dm-crypt style: a crypt table line over the file, AES-256-XTS, `unit`-byte sectors."""
 
@@ -394,7 +399,17 @@ SERVERS: dict[str, ServerDef] = {
             version=qemu_nbd_version,
         ),
         nbdcrypt_server(
-            "nbdcrypt", "plain", "one file device exported as-is, no encryption", plain_config
+            "nbdcrypt",
+            "plain",
+            "one file device exported as-is, no encryption; each connection on its own thread"
+            " (server.io: threads, the default)",
+            plain_config,
+        ),
+        nbdcrypt_server(
+            "nbdcrypt-loop",
+            "plain",
+            "the same export with every connection on one uvloop event loop (server.io: loop)",
+            loop_config,
         ),
         ServerDef(
             name="qemu-nbd-luks",
