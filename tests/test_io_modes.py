@@ -144,6 +144,34 @@ def test_late_replies_through_a_full_socket_arrive_whole(start_server: StartServ
     assert "Traceback" not in server.log
 
 
+def test_late_and_immediate_replies_never_interleave(start_server: StartServer) -> None:
+    """Reads through the delay leg (replied from the loop, header and data in two writes)
+    mixed with reads the thread answers itself, 64 in flight for 4000 requests: every reply
+    reaches libnbd whole (a header parted from its data is a protocol error there)."""
+    server = start_server(CONFIG.format(io="threads", extra=""))
+    data = b"".join(pattern(i, MiB) for i in range(16))
+    with (workdir(server) / "disk0.img").open("r+b") as f:
+        f.write(data)  # 8 MiB behind the delay leg, 8 MiB behind the linear one
+    h = nbd.NBD()
+    h.connect_uri(server.uri("slow"))
+    try:
+        pending: dict[int, tuple[bytearray, int]] = {}
+        issued = 0
+        while issued < 4000 or pending:
+            while issued < 4000 and len(pending) < 64:
+                offset = (issued * 7 % 16) * MiB + (issued % 5) * 65536
+                buf = bytearray(65536)
+                pending[h.aio_pread(buf, offset)] = (buf, offset)
+                issued += 1
+            h.poll(-1)
+            for cookie in [c for c in pending if h.aio_command_completed(c)]:
+                buf, offset = pending.pop(cookie)
+                assert buf == data[offset : offset + 65536], offset
+    finally:
+        h.shutdown()
+    assert server.stop() == 0
+
+
 def test_io_mode_in_the_config(tmp_path: Path) -> None:
     base = "devices:\n  m: {memory: 1M}\nexports:\n  e: {device: m}\n"
     path = tmp_path / "c.yaml"

@@ -40,9 +40,11 @@ class ThreadTransport(asyncio.Transport):
 
     Replies queue in `_out` (under the server lock) and go out under `_send_lock`, which keeps
     each batch whole on the wire: the thread sends its own after letting go of the server
-    lock; replies made on the loop go out at once if the socket takes them, else an executor
-    thread sends the rest, still holding the send lock the loop took. Queued minus sent is
-    the write buffer the connection's cap counts; each counter has one writer at a time.
+    lock; replies made elsewhere (the loop, for requests that waited) go out when the loop's
+    step that made them is over, at once if the socket takes them, else from an executor
+    thread that still holds the send lock the loop took. A batch is only ever taken under
+    the server lock, so it holds whole replies, never a header without its data. Queued minus
+    sent is the write buffer the connection's cap counts; each counter has one writer at a time.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class ThreadTransport(asyncio.Transport):
         self._read_paused = False
         self._closing = False
         self._aborted = False
+        self._flush_scheduled = False  # the loop will send what was queued off the thread
         self._trailing = b""
         self._ident: int | None = None
         self._thread = threading.Thread(target=self._run, name="nbd-connection", daemon=True)
@@ -115,8 +118,9 @@ class ThreadTransport(asyncio.Transport):
         for data in list_of_data:
             out.append(data)
             self._queued += len(data)
-        if threading.get_ident() != self._ident:  # not the thread: it may sleep in recv
-            self._send_from_elsewhere()
+        if threading.get_ident() != self._ident and not self._flush_scheduled:
+            self._flush_scheduled = True  # not the thread, which may sleep in recv: the loop
+            self._loop.call_soon(self._send_from_elsewhere)  # sends once the step is done
         if self._queued - self._sent > self._high and not self._write_paused:
             self._write_paused = True
             self._protocol.pause_writing()
@@ -247,8 +251,13 @@ class ThreadTransport(asyncio.Transport):
             self._protocol.resume_writing()  # the connection's cap counts queued replies
 
     def _send_from_elsewhere(self) -> None:
-        """Replies made off the thread (server lock held): send what the socket takes now
-        and leave the rest, with the send lock, to an executor thread."""
+        """On the loop, after the step that queued replies off the thread (a reply may be
+        queued in several writes, but always within one step under the lock, so `_out` holds
+        whole replies now): send what the socket takes and leave the rest, with the send lock,
+        to an executor thread."""
+        self._flush_scheduled = False
+        if self._closing or not self._out:
+            return  # closing: the thread's _finish sends what is left
         if not self._send_lock.acquire(blocking=False):
             self._loop.run_in_executor(None, self._drain_logged)  # after the current sender
             return
