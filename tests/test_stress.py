@@ -378,11 +378,11 @@ def test_progress_line_on_a_terminal(start_server: StartServer) -> None:
 # Hostile clients ---------------------------------------------------------------------------------
 
 
-def vm_rss_kib(pid: int) -> int:
+def vm_rss_kib(pid: int, field: str = "VmRSS") -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {field}")
 
 
 def test_hostile_clients_do_not_grow_the_server_or_hurt_the_others(
@@ -414,7 +414,9 @@ def test_hostile_clients_do_not_grow_the_server_or_hurt_the_others(
         assert abuse["half_sent_bytes"]["vanish"] >= 5 * 16 * MiB
         rss = s["server_rss"]
         assert rss["pid"] == pid and rss["samples"] > 5 and not rss["gone"]
-        assert abs(rss["end_kib"] - vm_rss_kib(pid)) < 256 * 1024  # the tool reads what we read
+        # The tool reads what we read. VmHWM, not VmRSS: connection threads free what their
+        # vanished clients held as they end, and glibc may hand it back right after the run.
+        assert abs(rss["hwm_kib"] - vm_rss_kib(pid, "VmHWM")) < 64 * 1024
         peaks.append(rss["peak_kib"])
     assert peaks[0] - base < 768 * 1024, (base, peaks)  # < 768 MiB for > 4 GiB asked
     assert peaks[1] < peaks[0] + 128 * 1024, peaks  # nothing piles up from round to round
