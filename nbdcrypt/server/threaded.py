@@ -10,8 +10,9 @@ ThreadTransport stands in for the asyncio transport, so Connection runs unchange
 protocol callbacks (get_buffer, buffer_updated, eof_received, resume_writing,
 connection_lost) are called on this thread with the server lock held (server/lockedloop.py).
 Replies collect in an outbox and are sent after the lock is let go; replies made on the loop
-(requests that had to wait) are sent at once if the socket takes them, else by an executor
-thread. Every method here is called with the server lock held.
+(requests that had to wait) are sent by the loop once the step that made them is over, at once
+if the socket takes them, else by an executor thread. The Transport methods are called with
+the server lock held, by this thread or another.
 """
 
 from __future__ import annotations
