@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clients import rawnbd as rn
 from tlscerts import Pki, make_pki
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,14 +68,10 @@ def _probe(port: int) -> None:
     """Connect, end the handshake with NBD_OPT_ABORT and wait for the server to close: once
     the socket reads EOF the server has let the connection go, so a test that counts
     connections (max_connections) does not find the probe still there."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        greeting = s.recv(18)
-        if len(greeting) < 18:
-            raise ConnectionError("no greeting")
-        abort = b"IHAVEOPT" + (2).to_bytes(4, "big") + (0).to_bytes(4, "big")
-        s.sendall((3).to_bytes(4, "big") + abort)  # FIXED_NEWSTYLE | NO_ZEROES, then ABORT
-        while s.recv(4096):
-            pass
+    with rn.RawNBD.tcp(port, timeout=5) as c:
+        c.start()
+        c.send_option(rn.OPT_ABORT)
+        c.wait_closed()
 
 
 def _wait_ready(server: RunningServer, timeout: float = 30.0) -> None:
@@ -86,7 +83,7 @@ def _wait_ready(server: RunningServer, timeout: float = 30.0) -> None:
             _probe(server.port)
             if server.socket_path.exists():
                 return
-        except OSError:
+        except (OSError, rn.ClosedError):
             pass
         time.sleep(0.05)
     server.proc.kill()

@@ -33,11 +33,6 @@ class BackingFileError(Exception):
     """The backing file can't be opened or created as configured (a one-line reason)."""
 
 
-# Reads and writes this large let go of the server lock (threadrole.py) while in the kernel;
-# a page-cache copy of a few KiB takes less than letting another thread in and out again.
-UNLOCK_MIN = 64 * 1024
-
-
 class FileDevice(Device):
     """A regular file (or block device) of a fixed size."""
 
@@ -76,11 +71,8 @@ class FileDevice(Device):
         return fd
 
     async def read(self, req: Request) -> bytes | bytearray | memoryview:
-        if req.length < UNLOCK_MIN:
+        with unlocked(req.length):
             data = os.pread(self.fd, req.length, req.offset)
-        else:
-            with unlocked():
-                data = os.pread(self.fd, req.length, req.offset)
         if len(data) == req.length:
             return data
         return self._read_rest(data, req)
@@ -110,11 +102,8 @@ class FileDevice(Device):
         view = memoryview(data)
         flags = os.RWF_DSYNC if sync else 0
         while view:
-            if len(view) < UNLOCK_MIN and not sync:
+            with unlocked(None if sync else len(view)):  # a synchronous write waits for the disk
                 done = os.pwritev(self.fd, [view], offset, flags)
-            else:
-                with unlocked():
-                    done = os.pwritev(self.fd, [view], offset, flags)
             view, offset = view[done:], offset + done
 
     async def flush(self) -> None:
