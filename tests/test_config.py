@@ -381,7 +381,8 @@ ERRORS = [
     (
         "server-unknown",
         "server:\n  listen: tcp://h\n  port: 1\n" + DEVICES + EXPORTS,
-        "3: server.port: unknown key (allowed: listen, limits, tls, control, metrics, io)",
+        "3: server.port: unknown key "
+        "(allowed: listen, limits, tls, control, metrics, io, busy_poll)",
     ),
     (
         "missing-listen",
@@ -480,7 +481,7 @@ ERRORS = [
         "handshake-unit",
         SERVER + "  limits: {handshake_timeout: 10x}\n" + DEVICES + EXPORTS,
         "3: server.limits.handshake_timeout: invalid duration '10x' (expected seconds, or a "
-        "number with a unit: ms, s, m, h)",
+        "number with a unit: us, ms, s, m, h)",
     ),
     (
         "handshake-inf",

@@ -32,6 +32,8 @@ from nbdcrypt.luks.unlock import passphrase_file_problem
 from nbdcrypt.tls import TlsFileError, check_credentials
 
 from .model import (
+    DEFAULT_BUSY_POLL,
+    MAX_BUSY_POLL,
     SECTOR,
     ClientCertificate,
     ClientMatch,
@@ -542,7 +544,7 @@ def _server(
         if not override and listen_required:
             top.require("server", why)
         return ServerConfig(override)
-    fields = item.fields(("listen", "limits", "tls", "control", "metrics", "io"))
+    fields = item.fields(("listen", "limits", "tls", "control", "metrics", "io", "busy_poll"))
     tls = fields.opt("tls", _tls, TlsConfig())
     no_listen: tuple[ListenAddress, ...] = ()
     listen = fields.opt("listen", _listen, no_listen)
@@ -557,7 +559,16 @@ def _server(
         tls,
         metrics=metrics,
         io=fields.opt("io", _io_mode, IoMode.THREADS),
+        busy_poll=fields.opt("busy_poll", _busy_poll, DEFAULT_BUSY_POLL),
     )
+
+
+def _busy_poll(item: _Item) -> float:
+    """`busy_poll: 100us`: how long a connection thread may poll for its next request; 0: off."""
+    seconds = item.duration()
+    if seconds > MAX_BUSY_POLL:
+        item.fail(f"{_short(str(item.node.value))} is too long (at most {MAX_BUSY_POLL * 1e3:g}ms)")
+    return seconds
 
 
 def _io_mode(item: _Item) -> IoMode:

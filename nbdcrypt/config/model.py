@@ -47,6 +47,10 @@ class Limits:
     shutdown_timeout: float = 10.0  # seconds SIGTERM waits for in-flight requests
 
 
+DEFAULT_BUSY_POLL = 100e-6  # server/poll.py: worth it up to a VM's wake-up cost, and no more
+MAX_BUSY_POLL = 0.01  # longer polls burn a CPU for clients that are not coming back soon
+
+
 class IoMode(Enum):
     """Where a connection's requests run once its handshake is done (docs/ARCHITECTURE.md)."""
 
@@ -89,6 +93,7 @@ class ServerConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)
     metrics: ListenAddress | None = None  # where Prometheus scrapes GET /metrics (tcp or unix)
     io: IoMode = IoMode.THREADS  # how connections run (read at startup; a reload keeps it)
+    busy_poll: float = DEFAULT_BUSY_POLL  # seconds a connection thread polls before sleeping
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ _MAX_DIGITS = 30  # longer numbers are typos; Python also refuses to parse > 430
 _SIZE_UNITS = {"": 1, "k": KIB, "kib": KIB, "m": MIB, "mib": MIB, "g": GIB, "gib": GIB}
 _SIZE_UNITS |= {"t": TIB, "tib": TIB}
 _SIZE = re.compile(r"\s*([0-9][0-9_]*)\s*([A-Za-z]*)\s*\Z")
-_DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "us": 1e-6, "m": 60.0, "h": 3600.0}
 _DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*\Z")
 
 
@@ -62,7 +62,7 @@ def parse_size(value: int | str) -> int:
 
 
 def parse_duration(value: int | float | str) -> float:
-    """Seconds >= 0: a number, or a string like "10s", "500ms", "2m", "1h", "1.5"."""
+    """Seconds >= 0: a number, or a string like "10s", "500ms", "50us", "2m", "1h", "1.5"."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError(f"expected a duration, got {type(value).__name__}")
     if isinstance(value, str):
@@ -71,7 +71,7 @@ def parse_duration(value: int | float | str) -> float:
         if match is None or unit not in _DURATION_UNITS:
             raise ValueError(
                 f"invalid duration {value!r} (expected seconds, or a number with a unit:"
-                " ms, s, m, h)"
+                " us, ms, s, m, h)"
             )
         seconds = float(match[1]) * _DURATION_UNITS[unit]
     elif isinstance(value, int):

@@ -83,6 +83,7 @@ class ServerState:
     keys: dict[str, CryptoKey] = field(default_factory=dict)  # the keyring, by key ID
     key_users: KeyUsers = field(default_factory=KeyUsers)  # who uses which key (eviction)
     counters: Counters = field(default_factory=Counters)  # the metrics' counters, by export name
+    busy_poll: float = 0.0  # seconds a connection thread may poll for its next request
     access: ExportAccess = field(init=False)  # the exports as each client may see them
 
     def __post_init__(self) -> None:
@@ -243,6 +244,7 @@ class Server:
             tls_required=config.server.tls.mode is TlsMode.REQUIRE,
             rules=config.clients,
             keys=self.keys,
+            busy_poll=config.server.busy_poll,
         )
         self.controller = Controller(
             self.devices,
@@ -544,6 +546,7 @@ class Server:
             tls_required=new.server.tls.mode is TlsMode.REQUIRE,
             rules=new.clients,
         )
+        self.state.busy_poll = new.server.busy_poll  # for connections opened from now on
         self.state.counters.configure(self.state.exports)  # counters stay, keyed by name
         return change.summary(old, new)
 

@@ -69,6 +69,7 @@ SPARSE_READ_MIN = 64 * 1024  # structured reads this large report holes as OFFSE
 _SHUTDOWN_GRACE = 2.0  # seconds a shutting-down connection waits for the client's DISC
 _TLS_CLOSE_TIMEOUT = 5.0  # seconds a closing TLS connection waits to flush and for close_notify
 _OP_READ = Op.READ
+_OP_WRITE = Op.WRITE
 _PASS_FLAGS = int(ReqFlag.FUA | ReqFlag.NO_HOLE | ReqFlag.FAST_ZERO)
 # ReqFlag(n) costs a microsecond (enum's composite lookup): one per request, looked up instead
 _REQ_FLAGS = tuple(ReqFlag(n & _PASS_FLAGS) for n in range(_PASS_FLAGS + 1))
@@ -122,7 +123,12 @@ class Connection(asyncio.BufferedProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._opened = time.monotonic()
         self._read_view = memoryview(bytearray(READ_BUFFER))
-        self._into_payload = False
+        # The last get_buffer() gave the rest of a write payload (the connection threads fill
+        # it whole, then call buffer_updated once).
+        self.reading_payload = False
+        # The last read brought one whole request, small: the client may wait for its reply
+        # before it sends more (server/poll.py polls for the next request only then).
+        self.lone_request = False
         # After a large write payload, read only the next request's header, so that its payload
         # (likely large too) goes straight into its own buffer instead of through _read_view.
         self._header_only = False
@@ -170,29 +176,33 @@ class Connection(asyncio.BufferedProtocol):
         if parser is not None:
             target = parser.payload_buffer()
             if target is not None:
-                self._into_payload = True
+                self.reading_payload = True
                 return target
-        self._into_payload = False
+        self.reading_payload = False
         return self._header_view if self._header_only else self._read_view
-
-    @property
-    def reading_payload(self) -> bool:
-        """The last get_buffer() gave the rest of a write payload (fill it whole, then call
-        buffer_updated once: the connection threads do)."""
-        return self._into_payload
 
     def buffer_updated(self, nbytes: int) -> None:
         parser = self._parser
-        if self._into_payload:
+        if self.reading_payload:
             assert parser is not None
             events = parser.payload_received(nbytes)
+            self.lone_request = False
             if events:  # a payload is complete; big ones come in runs (sequential writes)
                 self._header_only = cast(Command, events[0]).length >= DIRECT_PAYLOAD
-                self._on_events(events)
+                self._queue.extend(events)  # _on_events(), inlined
+                self._run_queue()
         elif parser is not None:
-            events = parser.feed(self._read_view[:nbytes], reused=True)
-            self._header_only = parser.pending_payload >= DIRECT_PAYLOAD
-            self._on_events(events)
+            if nbytes == REQUEST_SIZE:  # one header (a depth-1 client, or header-only reads)
+                events = parser.feed_header(self._read_view)
+            else:
+                events = parser.feed(self._read_view[:nbytes], reused=True)
+            pending = parser.pending_payload
+            self._header_only = pending >= DIRECT_PAYLOAD
+            self.lone_request = len(events) == 1 and not pending and nbytes < DIRECT_PAYLOAD
+            if events:
+                self._on_events(events)
+            elif self._held:  # only a payload began: the cap may count it (_update_reading)
+                self._update_reading()
         else:
             self.data_received(self._read_view[:nbytes].tobytes())
 
@@ -233,9 +243,11 @@ class Connection(asyncio.BufferedProtocol):
         if self.view is not None:
             seconds = time.monotonic() - self._opened
             requests = self.requests
+            poller = getattr(self._transport, "poller", None)  # threads only: server/poll.py
+            polled = poller.hits if poller is not None else 0
             log.info(
                 "%s: %s closed export %r (%s) after %.1fs: %d requests, %d bytes read, "
-                "%d written%s",
+                "%d written%s%s",
                 self.peer,
                 self.identity.describe(),
                 self.view.name,
@@ -244,6 +256,7 @@ class Connection(asyncio.BufferedProtocol):
                 requests,
                 self.bytes_read,
                 self.bytes_written,
+                f", {polled} received by busy polling" if polled else "",
                 f" ({exc})" if exc else "",
                 extra=self._log_fields(
                     self.view,
@@ -252,6 +265,7 @@ class Connection(asyncio.BufferedProtocol):
                     requests=requests,
                     bytes_read=self.bytes_read,
                     bytes_written=self.bytes_written,
+                    busy_polled=polled,
                     error=str(exc) if exc else None,
                 ),
             )
@@ -434,7 +448,12 @@ class Connection(asyncio.BufferedProtocol):
         sock.setblocking(True)
         extra = {"socket": sock}
         thread = threaded.ThreadTransport(
-            self, sock, loop, extra, high=self.state.limits.max_inflight_bytes // 2
+            self,
+            sock,
+            loop,
+            extra,
+            high=self.state.limits.max_inflight_bytes // 2,
+            busy_poll=self.state.busy_poll,
         )
         self.transport = self._transport = thread
         thread.start(started.trailing)
@@ -506,10 +525,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _on_events(self, events: list[Any]) -> None:
         """Queue parsed events and run as many as the memory cap allows."""
-        if self._queue:
-            self._queue.extend(events)
-        else:
-            self._queue = deque(events)
+        self._queue.extend(events)
         self._run_queue()
 
     def _run_queue(self) -> None:
@@ -627,34 +643,36 @@ class Connection(asyncio.BufferedProtocol):
         self._inflight -= 1
         if held:
             self._held -= held
-            self._update_reading()
+            if self._batch is None:  # else _run_queue does, once its batch is done
+                self._update_reading()
         if self._inflight == 0 and (self._disconnecting or self._shutting_down):
             self._close_when_idle()
 
     async def _read(self, c: Command) -> None:
         self._inflight += 1  # _begin(), inlined on the hottest path
         try:
-            if c.length >= self._sparse_read_min:
+            _, _, handle, offset, length, _ = c
+            if length >= self._sparse_read_min:
                 await self._read_sparse(c)
                 return
-            data = await self._device.read(Request(_OP_READ, c.offset, c.length))
-            self.bytes_read += c.length
+            data = await self._device.read(Request(_OP_READ, offset, length))
+            self.bytes_read += length
             if self._structured:
-                header = data_chunk_header(c.handle, c.offset, c.length)
+                header = data_chunk_header(handle, offset, length)
             else:
-                header = simple_reply(c.handle)
+                header = simple_reply(handle)
             out = self._batch
             if out is not None:
-                out.append(header)
-                out.append(data)
-                self._batch_bytes += c.length
+                out += header, data
+                self._batch_bytes += length
             elif not self._transport.is_closing():
-                self._transport.write(header)
-                self._transport.write(data)
+                self._transport.writelines((header, data))
         except Exception as exc:
             self._fail(c, exc)
         finally:
-            self._end()
+            self._inflight -= 1  # _end(), inlined
+            if not self._inflight and (self._disconnecting or self._shutting_down):
+                self._close_when_idle()
 
     async def _read_sparse(self, c: Command) -> None:
         """A structured read that sends holes as OFFSET_HOLE chunks instead of zeroes."""
@@ -691,19 +709,20 @@ class Connection(asyncio.BufferedProtocol):
         return extents
 
     async def _write(self, c: Command) -> None:
-        held = c.length
-        self._begin(held)
+        _, flags, handle, offset, length, payload = c
+        self._inflight += 1  # _begin(length), inlined
+        self._held += length
         try:
-            flags = _REQ_FLAGS[c.flags & _PASS_FLAGS]
-            await self._device.write(Request(Op.WRITE, c.offset, c.length, flags, c.payload))
-            self.bytes_written += c.length
-            self._send(simple_reply(c.handle))
+            req = Request(_OP_WRITE, offset, length, _REQ_FLAGS[flags & _PASS_FLAGS], payload)
+            await self._device.write(req)
+            self.bytes_written += length
+            self._send(simple_reply(handle))
         except Exception as exc:
             self._fail(c, exc)
         finally:
-            if type(c.payload) is bytearray and self._parser is not None:
-                self._parser.recycle(c.payload)  # devices keep no reference after write()
-            self._end(held)
+            if type(payload) is bytearray and self._parser is not None:
+                self._parser.recycle(payload)  # devices keep no reference after write()
+            self._end(length)
 
     async def _flush(self, c: Command) -> None:
         self._begin()
@@ -751,15 +770,17 @@ class Connection(asyncio.BufferedProtocol):
         """Read from the socket only while under the cap; run queued events when room appears."""
         if self._disconnecting or self._parser is None:
             return
-        room = self._held + self._transport.get_write_buffer_size() < self._cap
+        held = self._held
+        if not (held or self._queue or self._reading_paused or self._writing_paused):
+            return  # the usual case: nothing held, nothing waits, nothing to change
+        room = held + self._transport.get_write_buffer_size() < self._cap
         if self._queue and room and not self._writing_paused and self._batch is None:
             self._run_queue()
             return
         # A partly received payload alone never stops reading: it is at most MAX_PAYLOAD, and
         # only its rest completes it. Stopping there deadlocked a WRITE larger than the cap, and
         # a connection that reads nothing never sees its client go (it leaked its buffers).
-        held = self._held + self._parser.pending_payload
-        over = held >= self._cap and self._held > 0
+        over = held > 0 and held + self._parser.pending_payload >= self._cap
         pause = bool(self._queue) or self._writing_paused or over
         if pause and not self._reading_paused:
             self._reading_paused = True

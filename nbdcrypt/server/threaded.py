@@ -27,6 +27,7 @@ from socket import MSG_WAITALL
 from typing import TYPE_CHECKING, Any
 
 from nbdcrypt.server.lockedloop import LockedLoop, become_connection_thread
+from nbdcrypt.server.poll import SocketPoller
 
 if TYPE_CHECKING:
     from nbdcrypt.server.connection import Connection
@@ -55,6 +56,8 @@ class ThreadTransport(asyncio.Transport):
         loop: LockedLoop,
         extra: dict[str, Any],
         high: int,
+        *,
+        busy_poll: float = 0.0,
     ) -> None:
         super().__init__(extra)
         self._protocol = protocol
@@ -75,6 +78,7 @@ class ThreadTransport(asyncio.Transport):
         self._flush_scheduled = False  # the loop will send what was queued off the thread
         self._trailing = b""
         self._ident: int | None = None
+        self.poller = SocketPoller(busy_poll, loop) if busy_poll > 0 else None
         self._thread = threading.Thread(target=self._run, name="nbd-connection", daemon=True)
 
     def start(self, trailing: bytes) -> None:
@@ -115,10 +119,10 @@ class ThreadTransport(asyncio.Transport):
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
         if self._closing:
             return
-        out = self._out
-        for data in list_of_data:
-            out.append(data)
-            self._queued += len(data)
+        if type(list_of_data) is not list:
+            list_of_data = list(list_of_data)
+        self._out += list_of_data
+        self._queued += sum(map(len, list_of_data))
         if threading.get_ident() != self._ident and not self._flush_scheduled:
             self._flush_scheduled = True  # not the thread, which may sleep in recv: the loop
             self._loop.call_soon(self._send_from_elsewhere)  # sends once the step is done
@@ -165,45 +169,62 @@ class ThreadTransport(asyncio.Transport):
     def _receive(self) -> None:
         """Read and run requests, send their replies: the server lock is let go only for the
         socket calls (and, inside the devices, for their own blocking calls)."""
-        protocol, lock, sock, wake = self._protocol, self._lock, self._sock, self._wake
+        lock, loop = self._lock, self._loop
         with lock:
-            if self._trailing:
-                protocol.data_received(self._trailing)
-            self._trailing = b""
-            while True:
-                out = self._take()
-                while self._read_paused and not self._closing:
-                    if out:  # the queued replies may be what keeps the connection paused
-                        self._send_unlocked(out)
-                        self._room()
-                        out = self._take()
-                    else:
-                        wake.wait()
-                if self._closing:
-                    self._out[:0] = out
-                    return
-                buf = protocol.get_buffer(-1)
-                whole = protocol.reading_payload  # a payload's rest: one call fills it
-                lock.release()
-                try:
-                    if out:
-                        self._send(out)
-                    n = sock.recv_into(buf, 0, MSG_WAITALL if whole else 0)
-                finally:
-                    lock.acquire()
-                if out:
+            loop.active_threads += 1
+            try:
+                self._serve()
+            finally:
+                loop.active_threads -= 1
+
+    def _serve(self) -> None:
+        """_receive's loop, with the server lock held."""
+        protocol, lock, sock, wake = self._protocol, self._lock, self._sock, self._wake
+        loop, poller = self._loop, self.poller
+        if self._trailing:
+            protocol.data_received(self._trailing)
+        self._trailing = b""
+        while True:
+            out = self._take()
+            while self._read_paused and not self._closing:
+                if out:  # the queued replies may be what keeps the connection paused
+                    self._send_unlocked(out)
                     self._room()
-                while self._read_paused and not self._closing:  # paused while in recv():
-                    wake.wait()  # the bytes wait in the protocol's buffer, as asyncio's do
-                if self._closing:
-                    return
-                if n:
-                    protocol.buffer_updated(n)
-                elif protocol.eof_received():  # the client half-closed: replies still go out
-                    self._read_paused = True
+                    out = self._take()
                 else:
-                    self.close()
-                    return
+                    wake.wait()
+            if self._closing:
+                self._out[:0] = out
+                return
+            buf = protocol.get_buffer(-1)
+            whole = protocol.reading_payload  # a payload's rest: one call fills it
+            loop.active_threads -= 1
+            lock.release()
+            try:
+                if out:
+                    self._send(out)
+                if whole:
+                    n = sock.recv_into(buf, 0, MSG_WAITALL)
+                elif poller is not None and protocol.lone_request:
+                    n = poller.recv_into(sock, buf)
+                else:
+                    n = sock.recv_into(buf)
+            finally:
+                lock.acquire()
+                loop.active_threads += 1
+            if out:
+                self._room()
+            while self._read_paused and not self._closing:  # paused while in recv():
+                wake.wait()  # the bytes wait in the protocol's buffer, as asyncio's do
+            if self._closing:
+                return
+            if n:
+                protocol.buffer_updated(n)
+            elif protocol.eof_received():  # the client half-closed: replies still go out
+                self._read_paused = True
+            else:
+                self.close()
+                return
 
     def _finish(self, exc: BaseException | None) -> None:
         """Send what is left (unless aborted), close the socket, tell the protocol."""
@@ -224,18 +245,21 @@ class ThreadTransport(asyncio.Transport):
 
     # Sending ----------------------------------------------------------------------------------
 
-    def _take(self) -> list[bytes | bytearray | memoryview]:
+    def _take(self) -> Sequence[bytes | bytearray | memoryview]:
+        """The queued replies, taken (an empty tuple, never the live outbox, if none: what
+        others queue meanwhile must not join a batch already being sent)."""
         out = self._out
         if out:
             self._out = []
-        return out
+            return out
+        return ()
 
-    def _send(self, out: list[bytes | bytearray | memoryview]) -> None:
+    def _send(self, out: Sequence[bytes | bytearray | memoryview]) -> None:
         """Send a batch whole (blocking); the caller does not hold the server lock."""
         with self._send_lock:
             self._sent += _send_all(self._sock, out)
 
-    def _send_unlocked(self, out: list[bytes | bytearray | memoryview]) -> None:
+    def _send_unlocked(self, out: Sequence[bytes | bytearray | memoryview]) -> None:
         """Send a batch with the server lock, which this thread holds, let go meanwhile."""
         self._lock.release()
         try:
