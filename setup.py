@@ -1,9 +1,10 @@
-"""Builds nbdcrypt's one optional C module (the rest of the project is in pyproject.toml).
+"""Builds nbdcrypt's two optional C modules (the rest of the project is in pyproject.toml).
 
 nbdcrypt/crypto/_units.c runs whole requests of data units through libcrypto without the GIL
-(the per-unit loop, AES-XTS from ECB for small units, the IV blocks). It needs a C
-compiler and Python's headers (Debian: gcc, libc6-dev, python3-dev); without them the install
-still succeeds and the ciphers use their Python paths (slower, same bytes).
+(the per-unit loop, AES-XTS from ECB for small units, the IV blocks). nbdcrypt/server/_spin.c
+busy-polls a connection's socket without the GIL (server/poll.py). They need a C compiler and
+Python's headers (Debian: gcc, libc6-dev, python3-dev); without them the install still
+succeeds, the ciphers use their Python paths (slower, same bytes) and busy polling is off.
 """
 
 from setuptools import Extension, setup
@@ -15,6 +16,12 @@ setup(
             ["nbdcrypt/crypto/_units.c"],
             extra_compile_args=["-O2"],
             optional=True,
-        )
+        ),
+        Extension(
+            "nbdcrypt.server._spin",
+            ["nbdcrypt/server/_spin.c"],
+            extra_compile_args=["-O2"],
+            optional=True,
+        ),
     ]
 )

@@ -25,7 +25,7 @@ from nbdcrypt.server.poll import SocketPoller
 
 @dataclass
 class Census:
-    active_threads: int = 0
+    connection_threads: int = 1
 
 
 def exchange(poller: SocketPoller, count: int, gap: float) -> bytes:
@@ -65,8 +65,10 @@ def expected(count: int) -> bytes:
 def test_a_client_that_waits_on_each_reply_is_polled_for() -> None:
     poller = SocketPoller(0.05, Census())
     assert exchange(poller, 200, 0) == expected(200)
-    assert poller.hits > 150  # the first few sleep while the mean comes down from 8 budgets
-    assert poller.sleeps >= 1
+    # The first few sleep while the mean comes down from 8 budgets; later ones may sleep too
+    # where a poll found the CPU shared with the peer (it backs off), but some polls receive.
+    assert poller.hits > 0 and poller.sleeps >= 1
+    assert poller.hits + poller.misses + poller.sleeps == 200
 
 
 def test_a_slow_client_is_never_polled_for() -> None:
@@ -75,10 +77,16 @@ def test_a_slow_client_is_never_polled_for() -> None:
     assert (poller.hits, poller.misses, poller.sleeps) == (0, 0, 20)
 
 
-def test_no_polling_while_another_connection_thread_runs() -> None:
-    poller = SocketPoller(0.05, Census(active_threads=1))
+def test_polling_only_for_the_servers_one_connection() -> None:
+    """With two vCPUs a polling thread takes a CPU that other clients need: a second
+    connection stops polling, and polling comes back when it has gone."""
+    census = Census(connection_threads=2)
+    poller = SocketPoller(0.05, census)
     assert exchange(poller, 50, 0) == expected(50)
     assert (poller.hits, poller.misses, poller.sleeps) == (0, 0, 50)
+    census.connection_threads = 1
+    assert exchange(poller, 200, 0) == expected(200)
+    assert poller.hits > 0
 
 
 def test_a_poll_that_runs_out_sleeps_and_still_receives() -> None:
@@ -152,3 +160,21 @@ def test_a_depth_one_client_with_and_without_polling(start_server: StartServer, 
     else:
         polled = int(closed[-1].split(", ")[-1].split()[0])
         assert polled > 100, closed[-1]
+
+
+def test_without_the_c_module_polling_is_off(tmp_path: Path, start_server: StartServer) -> None:
+    """An install without a compiler: the server says busy polling is off, and a depth-1
+    client is served by sleeping receives (nothing received by polling)."""
+    blocker = tmp_path / "no_c_module"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['nbdcrypt.server._spin'] = None  # as if never built\n"
+    )
+    server = start_server(CONFIG.format(poll="5ms"), env={"PYTHONPATH": str(blocker)})
+    assert "busy polling: no C module built" in server.log
+    with handle(server.uri("e")) as h:
+        for i in range(100):
+            h.pwrite(pattern(i, 4096), i * 4096)
+            assert h.pread(4096, i * 4096) == pattern(i, 4096)
+    assert server.stop() == 0
+    assert "busy polling" not in server.log.split("no C module built")[1]

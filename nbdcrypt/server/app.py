@@ -58,6 +58,7 @@ from nbdcrypt.luks.device import LuksDevice, open_luks
 from nbdcrypt.metrics.collector import ServerCollector
 from nbdcrypt.metrics.counters import Counters
 from nbdcrypt.metrics.endpoint import MetricsEndpoint
+from nbdcrypt.server import poll
 from nbdcrypt.server.connection import Connection
 from nbdcrypt.server.lockedloop import LockedLoop
 from nbdcrypt.server.reload import ReloadError
@@ -383,6 +384,8 @@ class Server:
         log.info("ready: %d export(s): %s", len(self.state.exports), ", ".join(self.state.exports))
         threads = isinstance(loop, LockedLoop)  # io: threads, as the command line runs it
         log.info("connections run %s", "on threads" if threads else "on the event loop")
+        if threads and self.config.server.busy_poll and not poll.available():
+            log.warning("busy polling: no C module built (nbdcrypt/server/_spin.c); it is off")
         if not libcrypto.native():
             log.warning("ciphers: no C module built; encryption runs the slower Python paths")
         self.notifier.send("READY=1", f"STATUS=serving {len(self.state.exports)} export(s)")

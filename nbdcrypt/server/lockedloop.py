@@ -50,9 +50,9 @@ class LockedLoop(asyncio.SelectorEventLoop):
         self.lock = threading.Lock()
         super().__init__(_LockedSelector(self.lock))
         self.owner = 0  # the loop's thread while it runs
-        # Connection threads running requests, not waiting for their client (changed under
-        # the lock; server/poll.py reads it without, to poll only when the server is idle).
-        self.active_threads = 0
+        # Connection threads running (changed under the lock; server/poll.py reads it without,
+        # and busy-polls only for a server's one connection).
+        self.connection_threads = 0
 
     def run_forever(self) -> None:
         self.lock.acquire()

@@ -27,7 +27,7 @@ from socket import MSG_WAITALL
 from typing import TYPE_CHECKING, Any
 
 from nbdcrypt.server.lockedloop import LockedLoop, become_connection_thread
-from nbdcrypt.server.poll import SocketPoller
+from nbdcrypt.server.poll import SocketPoller, available
 
 if TYPE_CHECKING:
     from nbdcrypt.server.connection import Connection
@@ -78,7 +78,7 @@ class ThreadTransport(asyncio.Transport):
         self._flush_scheduled = False  # the loop will send what was queued off the thread
         self._trailing = b""
         self._ident: int | None = None
-        self.poller = SocketPoller(busy_poll, loop) if busy_poll > 0 else None
+        self.poller = SocketPoller(busy_poll, loop) if busy_poll > 0 and available() else None
         self._thread = threading.Thread(target=self._run, name="nbd-connection", daemon=True)
 
     def start(self, trailing: bytes) -> None:
@@ -171,16 +171,16 @@ class ThreadTransport(asyncio.Transport):
         socket calls (and, inside the devices, for their own blocking calls)."""
         lock, loop = self._lock, self._loop
         with lock:
-            loop.active_threads += 1
+            loop.connection_threads += 1
             try:
                 self._serve()
             finally:
-                loop.active_threads -= 1
+                loop.connection_threads -= 1
 
     def _serve(self) -> None:
         """_receive's loop, with the server lock held."""
         protocol, lock, sock, wake = self._protocol, self._lock, self._sock, self._wake
-        loop, poller = self._loop, self.poller
+        poller = self.poller
         if self._trailing:
             protocol.data_received(self._trailing)
         self._trailing = b""
@@ -198,7 +198,6 @@ class ThreadTransport(asyncio.Transport):
                 return
             buf = protocol.get_buffer(-1)
             whole = protocol.reading_payload  # a payload's rest: one call fills it
-            loop.active_threads -= 1
             lock.release()
             try:
                 if out:
@@ -211,7 +210,6 @@ class ThreadTransport(asyncio.Transport):
                     n = sock.recv_into(buf)
             finally:
                 lock.acquire()
-                loop.active_threads += 1
             if out:
                 self._room()
             while self._read_paused and not self._closing:  # paused while in recv():
