@@ -8,17 +8,17 @@ read sleeping, 56 us polling, nbdkit 65-75 us). Polling the socket for a few ten
 microseconds after a reply keeps the vCPU awake for a request that is that close, as
 net.core.busy_poll does for network sockets and io_poll for NVMe queues.
 
-When: only while its connection is the server's only one in transmission (with two vCPUs, a
-thread that polls takes a CPU that other clients and their connections need: two clients at
-depth 1 lost a quarter of their IOPS to one poller, even one that stopped whenever another
-connection's thread ran); only after a read that brought one small request and nothing more
-(a client that waits for each reply: pipelining and large transfers are throughput work, and
-polling whenever the socket was empty cost nbdcopy's writes 13% more server CPU); and only
-while this connection's recent waits of that kind were within the budget (a weighted mean):
-an idle or slow client is never polled for, a fast one that comes back is polled for again
-within a few requests. The poll runs in C with the GIL let go (_spin.c), yielding the CPU to
-any task waiting for it; a poll during which this thread had its CPU for less than most of
-the time backs polling off (others want the CPU). Without the C module there is no polling.
+When: only while its connection is the server's only one in transmission (with two vCPUs,
+a thread that polls takes a CPU that other clients and their connections need: two clients
+at depth 1 lost up to a fifth of their IOPS to one poller); only after a read that brought
+one small request and nothing more (a client that waits for each reply: pipelining and large
+transfers are throughput work, and polling whenever the socket was empty cost nbdcopy's
+writes 13% more server CPU); and only while this connection's recent waits of that kind were
+within the budget (a weighted mean): an idle or slow client is never polled for, a fast one
+that comes back is polled for again within a few requests. The poll runs in C with the GIL
+let go (_spin.c), yielding the CPU to any task waiting for it; a poll during which this
+thread had its CPU for less than most of the time backs polling off (others want the CPU).
+Without the C module there is no polling.
 """
 
 from __future__ import annotations
