@@ -114,6 +114,47 @@ static inline uint64_t load64(const unsigned char *p) {
 
 static inline void store64(unsigned char *p, uint64_t v) { memcpy(p, &v, 8); }
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+
+/* T times x in GF(2^128), IEEE 1619's little-endian order: each 32-bit lane shifts left by
+ * one and takes the top bit of the lane below; the top bit of the last lane comes back as
+ * 0x87 into the first. */
+static inline __m128i mul_x128(__m128i t) {
+    __m128i carries = _mm_shuffle_epi32(_mm_srai_epi32(t, 31), 0x93);
+    carries = _mm_and_si128(carries, _mm_set_epi32(1, 1, 1, 0x87));
+    return _mm_xor_si128(_mm_slli_epi32(t, 1), carries);
+}
+
+/* dst = src ^ T over the blocks of `units` whole units whose first tweaks are t0[0..units),
+ * keeping each block's T in `tweaks` for the second pass. SSE2 (every x86-64): one 16-byte
+ * operation a block, where 64-bit halves took as long as the AES itself for 512-byte units. */
+static void xts_whiten(const unsigned char *src, unsigned char *dst, unsigned char *tweaks,
+                       const unsigned char *t0, Py_ssize_t units, Py_ssize_t unit_size) {
+    Py_ssize_t blocks = unit_size / IV_BLOCK;
+    for (Py_ssize_t u = 0; u < units; u++) {
+        __m128i t = _mm_loadu_si128((const __m128i *)(t0 + u * IV_BLOCK));
+        Py_ssize_t at = u * unit_size;
+        for (Py_ssize_t j = 0; j < blocks; j++, at += IV_BLOCK) {
+            _mm_storeu_si128((__m128i *)(tweaks + at), t);
+            __m128i d = _mm_loadu_si128((const __m128i *)(src + at));
+            _mm_storeu_si128((__m128i *)(dst + at), _mm_xor_si128(d, t));
+            t = mul_x128(t);
+        }
+    }
+}
+
+/* dst ^= tweaks over `len` bytes: the second whitening, after the ECB pass. */
+static void xts_unwhiten(unsigned char *dst, const unsigned char *tweaks, Py_ssize_t len) {
+    for (Py_ssize_t at = 0; at < len; at += IV_BLOCK) {
+        __m128i d = _mm_loadu_si128((const __m128i *)(dst + at));
+        __m128i t = _mm_loadu_si128((const __m128i *)(tweaks + at));
+        _mm_storeu_si128((__m128i *)(dst + at), _mm_xor_si128(d, t));
+    }
+}
+
+#else /* portable: 64-bit halves */
+
 /* dst = src ^ T over the blocks of `units` whole units whose first tweaks are t0[0..units),
  * keeping each block's T in `tweaks` for the second pass. */
 static void xts_whiten(const unsigned char *src, unsigned char *dst, unsigned char *tweaks,
@@ -139,6 +180,8 @@ static void xts_unwhiten(unsigned char *dst, const unsigned char *tweaks, Py_ssi
         store64(dst + at + 8, load64(dst + at + 8) ^ load64(tweaks + at + 8));
     }
 }
+
+#endif
 
 /* xts(update, tweak_ctx, data_ctx, src, dst, ivs, unit_size) -> None
  * tweak_ctx: AES-ECB encryption with K2; data_ctx: AES-ECB with K1, encrypting or decrypting
