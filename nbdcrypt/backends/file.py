@@ -100,15 +100,13 @@ class FileDevice(Device):
 
     def _write_all(self, data: bytes | bytearray | memoryview, offset: int, sync: bool) -> None:
         flags = os.RWF_DSYNC if sync else 0
-        size = len(data)
-        with unlocked(None if sync else size):  # a synchronous write waits for the disk
-            done = os.pwritev(self.fd, (data,), offset, flags)
-        if done < size:  # short: the rest, in as many calls as it takes
-            view = memoryview(data)[done:]
-            while view:
-                with unlocked(None if sync else len(view)):
-                    done = os.pwritev(self.fd, (view,), offset + size - len(view), flags)
-                view = view[done:]
+        while True:
+            size = len(data)
+            with unlocked(None if sync else size):  # a synchronous write waits for the disk
+                done = os.pwritev(self.fd, (data,), offset, flags)
+            if done == size:
+                return
+            data, offset = memoryview(data)[done:], offset + done  # short: the rest
 
     async def flush(self) -> None:
         await self._run(self._fdatasync)

@@ -189,8 +189,7 @@ class Connection(asyncio.BufferedProtocol):
             self.lone_request = False
             if events:  # a payload is complete; big ones come in runs (sequential writes)
                 self._header_only = cast(Command, events[0]).length >= DIRECT_PAYLOAD
-                self._queue.extend(events)  # _on_events(), inlined
-                self._run_queue()
+                self._on_events(events)
         elif parser is not None:
             if nbytes == REQUEST_SIZE:  # one header (a depth-1 client, or header-only reads)
                 events = parser.feed_header(self._read_view)
@@ -670,9 +669,7 @@ class Connection(asyncio.BufferedProtocol):
         except Exception as exc:
             self._fail(c, exc)
         finally:
-            self._inflight -= 1  # _end(), inlined
-            if not self._inflight and (self._disconnecting or self._shutting_down):
-                self._close_when_idle()
+            self._end()
 
     async def _read_sparse(self, c: Command) -> None:
         """A structured read that sends holes as OFFSET_HOLE chunks instead of zeroes."""
