@@ -74,6 +74,13 @@ class Device(abc.ABC):
     async def block_status(self, req: Request) -> list[Extent]:
         """Allocation extents from req.offset, covering at least one byte and at most req.length."""
 
+    def splice_target(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(fd, file offset) where a write of `length` bytes at `offset` lands unchanged and
+        whole, for a caller that moves the bytes there itself (the connection threads splice
+        large payloads from the socket: server/splice.py); None where this device's own code
+        must see them. Such a write must count as any other for this device's flush."""
+        return None
+
     async def cache(self, req: Request) -> None:  # noqa: B027 - optional operation
         """Prefetch a range; a no-op unless the device has something to warm."""
 

@@ -164,6 +164,30 @@ def test_pending_payload_counts_a_write_in_progress() -> None:
     assert p.pending_payload == 0
 
 
+def test_a_write_whose_payload_the_caller_takes() -> None:
+    """unstarted_write names an accepted write none of whose payload arrived; after
+    payload_taken (the server spliced it away) the parser reads the next request."""
+    p = parser()
+    header = nw.request(nw.CMD_WRITE, flags=nw.CMD_FLAG_FUA, handle=HANDLE, offset=512, length=4096)
+    assert p.unstarted_write() is None
+    assert p.feed(header) == []
+    assert p.unstarted_write() == (nw.CMD_WRITE, nw.CMD_FLAG_FUA, HANDLE, 512, 4096)
+    assert p.payload_taken() == (nw.CMD_WRITE, nw.CMD_FLAG_FUA, HANDLE, 512, 4096)
+    assert p.unstarted_write() is None and p.pending_payload == 0
+    assert one(p, nw.request(nw.CMD_READ, handle=2, length=512)) == Command(
+        nw.CMD_READ, 0, 2, 0, 512, None
+    )
+
+
+def test_no_unstarted_write_once_its_payload_began_or_for_a_refused_one() -> None:
+    p = parser()
+    assert p.feed(nw.request(nw.CMD_WRITE, length=4096) + b"x") == []
+    assert p.unstarted_write() is None  # one byte of it is in the parser's buffer
+    ro = parser(tflags=ALL | nw.READ_ONLY)
+    assert ro.feed(nw.request(nw.CMD_WRITE, length=4096)) == []
+    assert ro.unstarted_write() is None  # refused: its payload is skipped, never written
+
+
 def test_disc() -> None:
     assert one(parser(), nw.request(nw.CMD_DISC, handle=HANDLE)) == Disconnect(HANDLE)
 

@@ -6,7 +6,8 @@ connection thread, which lets go of the server lock for each system call
 (server/lockedloop.py), so connections read and write at once. Everything that waits for the
 disk (fdatasync, FUA writes) or may take long (writing zeroes over a wide range) runs inline on
 a connection thread and in the loop's default executor on the loop thread, so one client's
-flush never stalls another client's reads.
+flush never stalls another client's reads. A connection thread splices large plain writes
+from its socket straight to the file (`splice_target`, server/splice.py): no pwrite here.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class FileDevice(Device):
         self.size = size
         self.fd = self._open(path, size, create)
         self._unsupported: set[Callable[[int, int, int], None]] = set()  # fallocate modes
+        self._spliceable = takes_splice(self.fd)
 
     @staticmethod
     def _open(path: Path, size: int, create: bool) -> int:
@@ -107,6 +109,9 @@ class FileDevice(Device):
             if done == size:
                 return
             data, offset = memoryview(data)[done:], offset + done  # short: the rest
+
+    def splice_target(self, offset: int, length: int) -> tuple[int, int] | None:
+        return (self.fd, offset) if self._spliceable else None
 
     async def flush(self) -> None:
         await self._run(self._fdatasync)
@@ -169,6 +174,23 @@ class FileDevice(Device):
             return
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, func, *args)
+
+
+def takes_splice(fd: int) -> bool:
+    """Whether `fd` takes writes by splice(2) from a pipe (regular files on the usual
+    filesystems and block devices do): an empty pipe spliced to it without blocking is EAGAIN
+    where it does, EINVAL where the filesystem lacks it."""
+    pipe = os.pipe2(os.O_CLOEXEC)
+    try:
+        os.splice(pipe[0], fd, 1, offset_dst=0, flags=os.SPLICE_F_NONBLOCK)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(pipe[0])
+        os.close(pipe[1])
+    return True
 
 
 def file_extents(fd: int, offset: int, end: int, size: int) -> list[Extent]:

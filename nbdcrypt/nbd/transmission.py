@@ -194,6 +194,20 @@ class RequestParser:
             return None
         return memoryview(self._payload)[self._filled :]
 
+    def unstarted_write(self) -> tuple[int, int, int, int, int] | None:
+        """(cmd, flags, handle, offset, length) of the accepted write whose payload is next on
+        the wire, none of it received yet; else None."""
+        return self._header if self._payload is not None and not self._filled else None
+
+    def payload_taken(self) -> tuple[int, int, int, int, int]:
+        """The caller took unstarted_write()'s payload off the wire itself (spliced it to the
+        device): the write is the caller's to run; the parser reads the next request."""
+        assert self._payload is not None and self._header is not None and not self._filled
+        header = self._header
+        self.recycle(self._payload)
+        self._payload = self._header = None
+        return header
+
     def payload_received(self, nbytes: int) -> list[Event]:
         """`nbytes` more of the pending payload were written into payload_buffer()."""
         assert self._payload is not None and self._header is not None

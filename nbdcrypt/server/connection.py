@@ -142,6 +142,7 @@ class Connection(asyncio.BufferedProtocol):
         self._refused: str | None = None  # the handshake's last refusal, for the metrics
         self.bytes_read = 0
         self.bytes_written = 0
+        self.spliced = 0  # writes whose payloads went from the socket to the file by splice
         self.over_limit = False
         # While a received batch runs, replies collect here and leave in one writev.
         self._batch: list[bytes | bytearray | memoryview] | None = None
@@ -205,6 +206,33 @@ class Connection(asyncio.BufferedProtocol):
         else:
             self.data_received(self._read_view[:nbytes].tobytes())
 
+    def splice_target(self) -> tuple[int, int, int] | None:
+        """(length, fd, offset): where the payload next on the wire can go straight from the
+        socket (server/splice.py), or None if it must be read into its buffer. Only a large
+        write without flags whose bytes land unchanged in one file, with nothing queued
+        before it; the connection thread moves it, then calls payload_spliced."""
+        header = self._parser.unstarted_write() if self._parser is not None else None
+        if header is None or header[1] or header[4] < DIRECT_PAYLOAD:
+            return None
+        if self._queue or self._shutting_down:
+            return None
+        target = self._device.splice_target(header[3], header[4])
+        return None if target is None else (header[4], *target)
+
+    def payload_spliced(self, error: OSError | None, nanoseconds: int) -> None:
+        """The thread moved splice_target()'s payload to the file: reply as _write does."""
+        assert self._parser is not None
+        cmd, flags, handle, offset, length = self._parser.payload_taken()
+        self._header_only = True  # the next payload is likely large too
+        self.lone_request = False
+        self.spliced += 1
+        if error is None:
+            self.bytes_written += length
+            self._send(simple_reply(handle))
+        else:
+            self._fail(Command(cmd, flags, handle, offset, length, None), error)
+        record(self.latency, cmd, nanoseconds)
+
     def data_received(self, data: bytes) -> None:
         """Bytes that arrived outside the read buffer (the handshake's leftovers, and tests)."""
         parser = self._parser
@@ -246,7 +274,7 @@ class Connection(asyncio.BufferedProtocol):
             polled = poller.hits if poller is not None else 0
             log.info(
                 "%s: %s closed export %r (%s) after %.1fs: %d requests, %d bytes read, "
-                "%d written%s%s",
+                "%d written%s%s%s",
                 self.peer,
                 self.identity.describe(),
                 self.view.name,
@@ -256,6 +284,7 @@ class Connection(asyncio.BufferedProtocol):
                 self.bytes_read,
                 self.bytes_written,
                 f", {polled} received by busy polling" if polled else "",
+                f", {self.spliced} spliced" if self.spliced else "",
                 f" ({exc})" if exc else "",
                 extra=self._log_fields(
                     self.view,
@@ -265,6 +294,7 @@ class Connection(asyncio.BufferedProtocol):
                     bytes_read=self.bytes_read,
                     bytes_written=self.bytes_written,
                     busy_polled=polled,
+                    spliced=self.spliced,
                     error=str(exc) if exc else None,
                 ),
             )

@@ -9,6 +9,8 @@ that blocks in recv() right after it woke its client is what the scheduler expec
 ThreadTransport stands in for the asyncio transport, so Connection runs unchanged: its
 protocol callbacks (get_buffer, buffer_updated, eof_received, resume_writing,
 connection_lost) are called on this thread with the server lock held (server/lockedloop.py).
+A large write that lands unchanged in a file is spliced there from the socket instead of
+being received (Connection.splice_target, server/splice.py).
 Replies collect in an outbox and are sent after the lock is let go; replies made on the loop
 (requests that had to wait) are sent by the loop once the step that made them is over, at once
 if the socket takes them, else by an executor thread. The Transport methods are called with
@@ -22,12 +24,14 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from socket import MSG_WAITALL
 from typing import TYPE_CHECKING, Any
 
 from nbdcrypt.server.lockedloop import LockedLoop, become_connection_thread
 from nbdcrypt.server.poll import SocketPoller, available
+from nbdcrypt.server.splice import PayloadSplicer
 
 if TYPE_CHECKING:
     from nbdcrypt.server.connection import Connection
@@ -79,6 +83,7 @@ class ThreadTransport(asyncio.Transport):
         self._trailing = b""
         self._ident: int | None = None
         self.poller = SocketPoller(busy_poll, loop) if busy_poll > 0 and available() else None
+        self._splicer: PayloadSplicer | None = None  # made at the first spliced write
         self._thread = threading.Thread(target=self._run, name="nbd-connection", daemon=True)
 
     def start(self, trailing: bytes) -> None:
@@ -198,11 +203,14 @@ class ThreadTransport(asyncio.Transport):
                 return
             buf = protocol.get_buffer(-1)
             whole = protocol.reading_payload  # a payload's rest: one call fills it
+            target = protocol.splice_target() if whole else None
             lock.release()
             try:
                 if out:
                     self._send(out)
-                if whole:
+                if target is not None:
+                    n, failed, took = self._splice(target)
+                elif whole:
                     n = sock.recv_into(buf, 0, MSG_WAITALL)
                 elif poller is not None and protocol.lone_request:
                     n = poller.recv_into(sock, buf)
@@ -212,6 +220,9 @@ class ThreadTransport(asyncio.Transport):
                 lock.acquire()
             if out:
                 self._room()
+            if target is not None and n:  # the write is done: its reply, then the next read
+                protocol.payload_spliced(failed, took)
+                continue
             while self._read_paused and not self._closing:  # paused while in recv():
                 wake.wait()  # the bytes wait in the protocol's buffer, as asyncio's do
             if self._closing:
@@ -224,6 +235,19 @@ class ThreadTransport(asyncio.Transport):
                 self.close()
                 return
 
+    def _splice(self, target: tuple[int, int, int]) -> tuple[int, OSError | None, int]:
+        """Move a write payload from the socket to its file, (length, fd, offset), with no
+        lock held: (the length, or 0 if the client closed first; the file's error, if any;
+        nanoseconds taken)."""
+        if self._splicer is None:
+            self._splicer = PayloadSplicer()
+        began = time.monotonic_ns()
+        try:
+            failed = self._splicer.move(self._sock.fileno(), *target)
+        except EOFError:
+            return 0, None, 0
+        return target[0], failed, time.monotonic_ns() - began
+
     def _finish(self, exc: BaseException | None) -> None:
         """Send what is left (unless aborted), close the socket, tell the protocol."""
         if not self._aborted:
@@ -235,6 +259,8 @@ class ThreadTransport(asyncio.Transport):
             self._sent = self._queued
             self._shutdown(socket.SHUT_RDWR)
             self._sock.close()
+            if self._splicer is not None:
+                self._splicer.close()
             self._protocol.connection_lost(exc if isinstance(exc, Exception) else None)
 
     def _shutdown(self, how: int) -> None:
