@@ -43,6 +43,7 @@ class Device(abc.ABC):
     openers: int = 0  # client connections in transmission on an export of this device
     crypto_caps: CryptoCaps = CryptoCaps.none()  # what it encrypts inline (blk-crypto profile)
     fallback_bytes: int = 0  # bytes the software fallback en/decrypted for requests sent here
+    splices = False  # whether splice_target may name a file (else it is always None)
 
     @abc.abstractmethod
     async def read(self, req: Request) -> bytes | bytearray | memoryview:
@@ -78,7 +79,8 @@ class Device(abc.ABC):
         """(fd, file offset) where a write of `length` bytes at `offset` lands unchanged and
         whole, for a caller that moves the bytes there itself (the connection threads splice
         large payloads from the socket: server/splice.py); None where this device's own code
-        must see them. Such a write must count as any other for this device's flush."""
+        must see them (then `splices` is False). Such a write must count as any other for
+        this device's flush."""
         return None
 
     async def cache(self, req: Request) -> None:  # noqa: B027 - optional operation

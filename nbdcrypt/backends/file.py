@@ -52,7 +52,7 @@ class FileDevice(Device):
         self.size = size
         self.fd = self._open(path, size, create)
         self._unsupported: set[Callable[[int, int, int], None]] = set()  # fallocate modes
-        self._spliceable = takes_splice(self.fd)
+        self.splices = takes_splice(self.fd)
 
     @staticmethod
     def _open(path: Path, size: int, create: bool) -> int:
@@ -111,7 +111,7 @@ class FileDevice(Device):
             data, offset = memoryview(data)[done:], offset + done  # short: the rest
 
     def splice_target(self, offset: int, length: int) -> tuple[int, int] | None:
-        return (self.fd, offset) if self._spliceable else None
+        return (self.fd, offset) if self.splices else None
 
     async def flush(self) -> None:
         await self._run(self._fdatasync)

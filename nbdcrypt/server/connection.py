@@ -143,6 +143,7 @@ class Connection(asyncio.BufferedProtocol):
         self.bytes_read = 0
         self.bytes_written = 0
         self.spliced = 0  # writes whose payloads went from the socket to the file by splice
+        self.splices = False  # the export's device may take payloads by splice (splice_target)
         self.over_limit = False
         # While a received batch runs, replies collect here and leave in one writev.
         self._batch: list[bytes | bytearray | memoryview] | None = None
@@ -426,6 +427,7 @@ class Connection(asyncio.BufferedProtocol):
             min_block=view.block_sizes[0],
         )
         self._device = view.io
+        self.splices = view.io.splices
         view.export.device.openers += 1
         self.state.key_users.join(view, self)
         self._key_view = view

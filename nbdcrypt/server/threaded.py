@@ -203,7 +203,7 @@ class ThreadTransport(asyncio.Transport):
                 return
             buf = protocol.get_buffer(-1)
             whole = protocol.reading_payload  # a payload's rest: one call fills it
-            target = protocol.splice_target() if whole else None
+            target = protocol.splice_target() if whole and protocol.splices else None
             lock.release()
             try:
                 if out:
