@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -40,9 +41,20 @@ def send_in_pieces(peer: socket.socket, data: bytes, piece: int) -> threading.Th
     return t
 
 
+@pytest.fixture(params=["C", "Python"])
+def native(request: pytest.FixtureRequest) -> bool:
+    """Each splicer test runs the C loop (_splice.c, built by the test command) and the
+    Python one (installs without a compiler)."""
+    return bool(request.param == "C")
+
+
+def test_the_c_module_is_built() -> None:
+    assert PayloadSplicer().native
+
+
 @pytest.mark.parametrize("piece", [4096, 100_000, 3 * MiB])
 def test_a_payload_lands_at_its_offset_and_the_next_request_follows(
-    tmp_path: Path, piece: int
+    tmp_path: Path, piece: int, native: bool
 ) -> None:
     """3 MiB (three pipes' worth) in pieces of any size: the file holds them at the offset,
     the bytes around are untouched, and what the client sent next is still on the socket."""
@@ -50,7 +62,7 @@ def test_a_payload_lands_at_its_offset_and_the_next_request_follows(
     path.write_bytes(b"\xee" * (8 * MiB))
     payload = random_bytes(3 * MiB, 1)
     ours, peer = socket.socketpair()
-    splicer = PayloadSplicer()
+    splicer = PayloadSplicer(native=native)
     fd = os.open(path, os.O_RDWR)
     try:
         t = send_in_pieces(peer, payload + b"NEXT", piece)
@@ -69,14 +81,14 @@ def test_a_payload_lands_at_its_offset_and_the_next_request_follows(
 
 
 def test_a_file_that_refuses_gets_its_error_and_the_payload_is_still_consumed(
-    tmp_path: Path,
+    tmp_path: Path, native: bool
 ) -> None:
     """Splicing to a descriptor opened read-only fails: move() returns the error, yet takes
     the whole payload off the socket, so the next request is read where it begins."""
     path = tmp_path / "disk.img"
     path.write_bytes(bytes(4 * MiB))
     ours, peer = socket.socketpair()
-    splicer = PayloadSplicer()
+    splicer = PayloadSplicer(native=native)
     fd = os.open(path, os.O_RDONLY)
     try:
         t = send_in_pieces(peer, random_bytes(3 * MiB, 2) + b"NEXT", 65536)
@@ -92,11 +104,47 @@ def test_a_file_that_refuses_gets_its_error_and_the_payload_is_still_consumed(
     assert read_file_range(path, 0, 4 * MiB) == bytes(4 * MiB)
 
 
-def test_a_client_that_closes_inside_a_payload(tmp_path: Path) -> None:
+def test_a_file_that_fills_up_midway(tmp_path: Path, native: bool) -> None:
+    """A file that takes the first part of a payload and then refuses (a file size limit
+    inside the payload, EFBIG): what it took is there, the error comes back, the rest of
+    the payload is thrown away and the next request follows."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(4 * MiB))
+    script = (
+        "import os, resource, socket, sys\n"
+        "from nbdcrypt.server.splice import PayloadSplicer\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1536 * 1024, 1536 * 1024))\n"
+        "ours = socket.socket(fileno=int(sys.argv[1]))\n"
+        "fd = os.open(sys.argv[2], os.O_RDWR)\n"
+        "splicer = PayloadSplicer(native=sys.argv[3] == '1')\n"
+        "error = splicer.move(ours.fileno(), 3 << 20, fd, 1 << 20)\n"
+        "print(error.errno if error else 0, ours.recv(4, socket.MSG_WAITALL).decode())\n"
+    )
+    ours, peer = socket.socketpair()
+    payload = random_bytes(3 * MiB, 4)
+    t = send_in_pieces(peer, payload + b"NEXT", 65536)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", script, str(ours.fileno()), str(path), "1" if native else "0"],
+            pass_fds=[ours.fileno()],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        t.join()
+    finally:
+        ours.close()
+        peer.close()
+    assert out.stdout.split() == [str(errno.EFBIG), "NEXT"]
+    assert read_file_range(path, 1 * MiB, 512 * 1024) == payload[: 512 * 1024]
+
+
+def test_a_client_that_closes_inside_a_payload(tmp_path: Path, native: bool) -> None:
     path = tmp_path / "disk.img"
     path.write_bytes(bytes(MiB))
     ours, peer = socket.socketpair()
-    splicer = PayloadSplicer()
+    splicer = PayloadSplicer(native=native)
     fd = os.open(path, os.O_RDWR)
     try:
         peer.sendall(b"x" * 1000)
@@ -144,12 +192,24 @@ def spliced(line: str) -> int:
     return int(found.group(1)) if found else 0
 
 
-def test_nbdcopy_writes_are_spliced_and_land(tmp_path: Path, start_server: StartServer) -> None:
+@pytest.mark.parametrize("module", ["built", "missing"])
+def test_nbdcopy_writes_are_spliced_and_land(
+    tmp_path: Path, start_server: StartServer, module: str
+) -> None:
     """nbdcopy (256 KiB writes on several connections) to a file export: every byte on disk,
-    and the close lines say the writes were spliced."""
+    and the close lines say the writes were spliced; also by the Python loop, on an install
+    without the C module."""
     src = tmp_path / "src.img"
     src.write_bytes(random_bytes(64 * MiB, 3))
-    server = start_server(CONFIG)
+    env = None
+    if module == "missing":
+        blocker = tmp_path / "no_c_module"
+        blocker.mkdir()
+        (blocker / "sitecustomize.py").write_text(
+            "import sys\nsys.modules['nbdcrypt.server._splice'] = None  # as if never built\n"
+        )
+        env = {"PYTHONPATH": str(blocker)}
+    server = start_server(CONFIG, env=env)
     subprocess.run(
         [require_tool("nbdcopy"), str(src), server.uri("plain")], check=True, timeout=120
     )

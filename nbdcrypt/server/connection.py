@@ -144,6 +144,8 @@ class Connection(asyncio.BufferedProtocol):
         self.bytes_written = 0
         self.spliced = 0  # writes whose payloads went from the socket to the file by splice
         self.splices = False  # the export's device may take payloads by splice (splice_target)
+        # The last read left a large write's payload to come: splice_target may have a place.
+        self.splice_ready = False
         self.over_limit = False
         # While a received batch runs, replies collect here and leave in one writev.
         self._batch: list[bytes | bytearray | memoryview] | None = None
@@ -188,7 +190,7 @@ class Connection(asyncio.BufferedProtocol):
         if self.reading_payload:
             assert parser is not None
             events = parser.payload_received(nbytes)
-            self.lone_request = False
+            self.lone_request = self.splice_ready = False
             if events:  # a payload is complete; big ones come in runs (sequential writes)
                 self._header_only = cast(Command, events[0]).length >= DIRECT_PAYLOAD
                 self._on_events(events)
@@ -198,7 +200,7 @@ class Connection(asyncio.BufferedProtocol):
             else:
                 events = parser.feed(self._read_view[:nbytes], reused=True)
             pending = parser.pending_payload
-            self._header_only = pending >= DIRECT_PAYLOAD
+            self._header_only = self.splice_ready = pending >= DIRECT_PAYLOAD
             self.lone_request = len(events) == 1 and not pending and nbytes < DIRECT_PAYLOAD
             if events:
                 self._on_events(events)
@@ -225,7 +227,7 @@ class Connection(asyncio.BufferedProtocol):
         assert self._parser is not None
         cmd, flags, handle, offset, length = self._parser.payload_taken()
         self._header_only = True  # the next payload is likely large too
-        self.lone_request = False
+        self.lone_request = self.splice_ready = False
         self.spliced += 1
         if error is None:
             self.bytes_written += length

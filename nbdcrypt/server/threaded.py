@@ -124,8 +124,8 @@ class ThreadTransport(asyncio.Transport):
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
         if self._closing:
             return
-        if type(list_of_data) is not list:
-            list_of_data = list(list_of_data)
+        if type(list_of_data) is not list and type(list_of_data) is not tuple:
+            list_of_data = list(list_of_data)  # an iterator: it is read twice below
         self._out += list_of_data
         self._queued += sum(map(len, list_of_data))
         if threading.get_ident() != self._ident and not self._flush_scheduled:
@@ -201,9 +201,12 @@ class ThreadTransport(asyncio.Transport):
             if self._closing:
                 self._out[:0] = out
                 return
-            buf = protocol.get_buffer(-1)
-            whole = protocol.reading_payload  # a payload's rest: one call fills it
-            target = protocol.splice_target() if whole and protocol.splices else None
+            target = None
+            if protocol.splice_ready and protocol.splices:
+                target = protocol.splice_target()  # a payload to move to its file unread
+            if target is None:
+                buf = protocol.get_buffer(-1)
+                whole = protocol.reading_payload  # a payload's rest: one call fills it
             lock.release()
             try:
                 if out:
