@@ -55,6 +55,7 @@ from nbdcrypt.nbd.transmission import (
 from nbdcrypt.request import Extent, Op, ReqFlag, Request
 from nbdcrypt.server import eager, threaded
 from nbdcrypt.server.identity import PeerIdentity, identify
+from nbdcrypt.server.splice import SpliceTarget
 from nbdcrypt.tls import describe_tls_error, peer_names
 
 if TYPE_CHECKING:
@@ -209,32 +210,43 @@ class Connection(asyncio.BufferedProtocol):
         else:
             self.data_received(self._read_view[:nbytes].tobytes())
 
-    def splice_target(self) -> tuple[int, int, int] | None:
-        """(length, fd, offset): where the payload next on the wire can go straight from the
-        socket (server/splice.py), or None if it must be read into its buffer. Only a large
-        write without flags whose bytes land unchanged in one file, with nothing queued
-        before it; the connection thread moves it, then calls payload_spliced."""
+    def splice_target(self) -> SpliceTarget | None:
+        """Where the payload next on the wire can go straight from the socket
+        (server/splice.py), or None if it must be read into its buffer. Only a large write
+        without flags whose bytes land unchanged in one file, with nothing queued before it;
+        the connection thread moves it, then calls payload_spliced."""
         header = self._parser.unstarted_write() if self._parser is not None else None
         if header is None or header[1] or header[4] < DIRECT_PAYLOAD:
             return None
         if self._queue or self._shutting_down:
             return None
         target = self._device.splice_target(header[3], header[4])
-        return None if target is None else (header[4], *target)
+        if target is None:
+            return None
+        return SpliceTarget(header[4], target[0], target[1], simple_reply(header[2]))
 
-    def payload_spliced(self, error: OSError | None, nanoseconds: int) -> None:
-        """The thread moved splice_target()'s payload to the file: reply as _write does."""
+    def payload_spliced(self, error: OSError | None, nanoseconds: int, *, replied: bool) -> None:
+        """The thread moved splice_target()'s payload to the file: the write is done. Its
+        reply is queued as _write's would be, unless the thread sent `target.reply` itself
+        (`replied`: it did, with no lock held, then read the next header)."""
         assert self._parser is not None
         cmd, flags, handle, offset, length = self._parser.payload_taken()
         self._header_only = True  # the next payload is likely large too
-        self.lone_request = self.splice_ready = False
+        self.lone_request = self.splice_ready = self.reading_payload = False
         self.spliced += 1
         if error is None:
             self.bytes_written += length
-            self._send(simple_reply(handle))
+            if not replied:
+                self._send(simple_reply(handle))
         else:
             self._fail(Command(cmd, flags, handle, offset, length, None), error)
         record(self.latency, cmd, nanoseconds)
+
+    @property
+    def header_buffer(self) -> memoryview:
+        """Where the next request's header is read after a spliced write (get_buffer's
+        answer once payload_spliced has run, known before it runs)."""
+        return self._header_view
 
     def data_received(self, data: bytes) -> None:
         """Bytes that arrived outside the read buffer (the handshake's leftovers, and tests)."""

@@ -18,6 +18,7 @@ import contextlib
 import errno
 import fcntl
 import os
+from typing import NamedTuple
 
 try:
     from nbdcrypt.server._splice import splice_payload
@@ -25,6 +26,15 @@ except ImportError:  # not built (no compiler at install): the same loop in Pyth
     splice_payload = None  # type: ignore[assignment]
 
 PIPE_SIZE = 1 << 20  # the most one socket-to-pipe call moves (a 256 KiB payload in one)
+
+
+class SpliceTarget(NamedTuple):
+    """A write payload the connection thread moves from the socket to a file itself."""
+
+    length: int
+    fd: int
+    offset: int
+    reply: bytes  # its reply once it landed
 
 
 class PayloadSplicer:

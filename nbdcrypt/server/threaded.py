@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from nbdcrypt.server.lockedloop import LockedLoop, become_connection_thread
 from nbdcrypt.server.poll import SocketPoller, available
-from nbdcrypt.server.splice import PayloadSplicer
+from nbdcrypt.server.splice import PayloadSplicer, SpliceTarget
 
 if TYPE_CHECKING:
     from nbdcrypt.server.connection import Connection
@@ -207,12 +207,18 @@ class ThreadTransport(asyncio.Transport):
             if target is None:
                 buf = protocol.get_buffer(-1)
                 whole = protocol.reading_payload  # a payload's rest: one call fills it
+            else:
+                buf = protocol.header_buffer  # where the next header goes, once it landed
             lock.release()
             try:
                 if out:
                     self._send(out)
                 if target is not None:
-                    n, failed, took = self._splice(target)
+                    moved, failed, took = self._splice(target)
+                    if moved and failed is None:
+                        n, replied, broke = self._chain(target, buf)
+                    else:
+                        n, replied, broke = 0, False, None
                 elif whole:
                     n = sock.recv_into(buf, 0, MSG_WAITALL)
                 elif poller is not None and protocol.lone_request:
@@ -223,9 +229,12 @@ class ThreadTransport(asyncio.Transport):
                 lock.acquire()
             if out:
                 self._room()
-            if target is not None and n:  # the write is done: its reply, then the next read
-                protocol.payload_spliced(failed, took)
-                continue
+            if target is not None and moved:  # the write is done
+                protocol.payload_spliced(failed, took, replied=replied)
+                if broke is not None:
+                    raise broke
+                if not replied:
+                    continue  # its reply is queued: the next read sends it
             while self._read_paused and not self._closing:  # paused while in recv():
                 wake.wait()  # the bytes wait in the protocol's buffer, as asyncio's do
             if self._closing:
@@ -238,18 +247,32 @@ class ThreadTransport(asyncio.Transport):
                 self.close()
                 return
 
-    def _splice(self, target: tuple[int, int, int]) -> tuple[int, OSError | None, int]:
-        """Move a write payload from the socket to its file, (length, fd, offset), with no
-        lock held: (the length, or 0 if the client closed first; the file's error, if any;
-        nanoseconds taken)."""
+    def _splice(self, target: SpliceTarget) -> tuple[int, OSError | None, int]:
+        """Move a write payload from the socket to its file, with no lock held: (its length,
+        or 0 if the client closed first; the file's error, if any; nanoseconds taken)."""
         if self._splicer is None:
             self._splicer = PayloadSplicer()
         began = time.monotonic_ns()
         try:
-            failed = self._splicer.move(self._sock.fileno(), *target)
+            failed = self._splicer.move(self._sock.fileno(), *target[:3])
         except EOFError:
             return 0, None, 0
-        return target[0], failed, time.monotonic_ns() - began
+        return target.length, failed, time.monotonic_ns() - began
+
+    def _chain(self, target: SpliceTarget, header: memoryview) -> tuple[int, bool, OSError | None]:
+        """After a spliced write landed, still without the lock: send its reply (not through
+        the outbox, so not counted in the write buffer) and read the next header into
+        `header`, which saves a pass under the lock per write. (Bytes read, 0 at EOF; whether
+        the reply went; the socket's error, raised once the write is accounted for.)"""
+        try:
+            with self._send_lock:
+                _send_all(self._sock, (target.reply,))
+        except OSError as exc:
+            return 0, False, exc
+        try:
+            return self._sock.recv_into(header), True, None
+        except OSError as exc:
+            return 0, True, exc
 
     def _finish(self, exc: BaseException | None) -> None:
         """Send what is left (unless aborted), close the socket, tell the protocol."""
