@@ -16,11 +16,20 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import nbd
 import pytest
-from clients.util import expect_nbd_error, handle, pattern, random_bytes, read_file_range, workdir
+from clients.util import (
+    expect_nbd_error,
+    handle,
+    pattern,
+    random_bytes,
+    read_file_range,
+    release,
+    workdir,
+)
 from conftest import StartServer, require_tool
 
 from nbdcrypt.backends.file import takes_splice
@@ -273,3 +282,53 @@ def test_a_write_the_file_refuses_gets_its_error_and_the_connection_goes_on(
         assert read_file_range(img, i * MiB, 1 * MiB) == pattern(i, 1 * MiB)
     assert read_file_range(img, 16 * MiB, 1 * MiB) == bytes(1 * MiB)
     assert [spliced(line) for line in close_lines(server.log, "plain")] == [2, 1]
+
+
+def test_pipelined_writes_reads_and_flushes_all_answered(start_server: StartServer) -> None:
+    """libnbd with up to 32 requests in flight: 256 KiB writes (spliced; their replies go out
+    from the connection thread before it takes the lock again) among 4 KiB reads of
+    acknowledged writes and flushes (whose replies come from elsewhere). Every request
+    completes without error, each read returns the acknowledged bytes, the file holds every
+    write."""
+    server = start_server(CONFIG)
+    unit = 256 * 1024
+    h = nbd.NBD()
+    h.connect_uri(server.uri("plain"))
+    written: dict[int, tuple[int, bytes]] = {}  # slot -> (cookie of its last write, data)
+    reads: dict[int, tuple[nbd.Buffer, bytes]] = {}  # cookie -> (buffer, what it must hold)
+    pending: set[int] = set()
+
+    def settle(most: int) -> None:
+        nonlocal pending
+        deadline = time.monotonic() + 60
+        while len(pending) > most:
+            assert time.monotonic() < deadline, f"{len(pending)} requests never answered"
+            h.poll(1)
+            pending = {c for c in pending if not h.aio_command_completed(c)}
+
+    try:
+        for i in range(160):
+            settle(31)
+            slot = i  # each write its own place: a read of an acknowledged one stays valid
+            data = pattern(i, unit)
+            written[slot] = (h.aio_pwrite(data, slot * unit), data)
+            pending.add(written[slot][0])
+            acked = [s for s, (cookie, _) in written.items() if cookie not in pending]  # in order
+            if i % 3 == 2 and acked:
+                buf = nbd.Buffer(4096)
+                cookie = h.aio_pread(buf, acked[-1] * unit + 8192)
+                pending.add(cookie)
+                reads[cookie] = (buf, written[acked[-1]][1][8192 : 8192 + 4096])
+            if i % 16 == 15:
+                pending.add(h.aio_flush())
+        settle(0)
+        assert len(reads) > 20
+        for buf, expected in reads.values():
+            assert buf.to_bytearray() == expected
+    finally:
+        release(h)
+    assert server.stop() == 0
+    img = workdir(server) / "disk0.img"
+    for slot, (_, data) in written.items():
+        assert read_file_range(img, slot * unit, unit) == data
+    assert sum(spliced(line) for line in close_lines(server.log, "plain")) > 100

@@ -10,7 +10,8 @@ ThreadTransport stands in for the asyncio transport, so Connection runs unchange
 protocol callbacks (get_buffer, buffer_updated, eof_received, resume_writing,
 connection_lost) are called on this thread with the server lock held (server/lockedloop.py).
 A large write that lands unchanged in a file is spliced there from the socket instead of
-being received (Connection.splice_target, server/splice.py).
+being received (Connection.splice_target, server/splice.py); its reply then leaves from this
+thread before it takes the lock again (under the send lock, outside the outbox).
 Replies collect in an outbox and are sent after the lock is let go; replies made on the loop
 (requests that had to wait) are sent by the loop once the step that made them is over, at once
 if the socket takes them, else by an executor thread. The Transport methods are called with
