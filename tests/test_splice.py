@@ -17,6 +17,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import nbd
@@ -50,6 +52,23 @@ def send_in_pieces(peer: socket.socket, data: bytes, piece: int) -> threading.Th
     return t
 
 
+@contextmanager
+def splicing(
+    path: Path, native: bool, flags: int = os.O_RDWR
+) -> Iterator[tuple[socket.socket, socket.socket, PayloadSplicer, int]]:
+    """(our socket, the peer's, a splicer, `path` opened with `flags`), all closed after."""
+    ours, peer = socket.socketpair()
+    splicer = PayloadSplicer(native=native)
+    fd = os.open(path, flags)
+    try:
+        yield ours, peer, splicer, fd
+    finally:
+        os.close(fd)
+        splicer.close()
+        ours.close()
+        peer.close()
+
+
 @pytest.fixture(params=["C", "Python"])
 def native(request: pytest.FixtureRequest) -> bool:
     """Each splicer test runs the C loop (_splice.c, built by the test command) and the
@@ -70,19 +89,11 @@ def test_a_payload_lands_at_its_offset_and_the_next_request_follows(
     path = tmp_path / "disk.img"
     path.write_bytes(b"\xee" * (8 * MiB))
     payload = random_bytes(3 * MiB, 1)
-    ours, peer = socket.socketpair()
-    splicer = PayloadSplicer(native=native)
-    fd = os.open(path, os.O_RDWR)
-    try:
+    with splicing(path, native) as (ours, peer, splicer, fd):
         t = send_in_pieces(peer, payload + b"NEXT", piece)
         assert splicer.move(ours.fileno(), len(payload), fd, 1 * MiB + 512) is None
         assert ours.recv(4, socket.MSG_WAITALL) == b"NEXT"
         t.join()
-    finally:
-        os.close(fd)
-        splicer.close()
-        ours.close()
-        peer.close()
     assert read_file_range(path, 1 * MiB + 512, len(payload)) == payload
     assert read_file_range(path, 0, 1 * MiB + 512) == b"\xee" * (1 * MiB + 512)
     tail = 1 * MiB + 512 + len(payload)
@@ -96,20 +107,12 @@ def test_a_file_that_refuses_gets_its_error_and_the_payload_is_still_consumed(
     the whole payload off the socket, so the next request is read where it begins."""
     path = tmp_path / "disk.img"
     path.write_bytes(bytes(4 * MiB))
-    ours, peer = socket.socketpair()
-    splicer = PayloadSplicer(native=native)
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with splicing(path, native, os.O_RDONLY) as (ours, peer, splicer, fd):
         t = send_in_pieces(peer, random_bytes(3 * MiB, 2) + b"NEXT", 65536)
         error = splicer.move(ours.fileno(), 3 * MiB, fd, 0)
         assert isinstance(error, OSError) and error.errno == errno.EBADF
         assert ours.recv(4, socket.MSG_WAITALL) == b"NEXT"
         t.join()
-    finally:
-        os.close(fd)
-        splicer.close()
-        ours.close()
-        peer.close()
     assert read_file_range(path, 0, 4 * MiB) == bytes(4 * MiB)
 
 
@@ -152,18 +155,11 @@ def test_a_file_that_fills_up_midway(tmp_path: Path, native: bool) -> None:
 def test_a_client_that_closes_inside_a_payload(tmp_path: Path, native: bool) -> None:
     path = tmp_path / "disk.img"
     path.write_bytes(bytes(MiB))
-    ours, peer = socket.socketpair()
-    splicer = PayloadSplicer(native=native)
-    fd = os.open(path, os.O_RDWR)
-    try:
+    with splicing(path, native) as (ours, peer, splicer, fd):
         peer.sendall(b"x" * 1000)
-        peer.close()
+        peer.shutdown(socket.SHUT_WR)
         with pytest.raises(EOFError):
             splicer.move(ours.fileno(), 65536, fd, 0)
-    finally:
-        os.close(fd)
-        splicer.close()
-        ours.close()
     assert read_file_range(path, 0, 1000) == b"x" * 1000  # what came was written
 
 

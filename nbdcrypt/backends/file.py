@@ -179,8 +179,12 @@ class FileDevice(Device):
 def takes_splice(fd: int) -> bool:
     """Whether `fd` takes writes by splice(2) from a pipe (regular files on the usual
     filesystems and block devices do): an empty pipe spliced to it without blocking is EAGAIN
-    where it does, EINVAL where the filesystem lacks it."""
-    pipe = os.pipe2(os.O_CLOEXEC)
+    where it does, EINVAL where the filesystem lacks it. (No pipe to probe with, at the
+    descriptor limit: no, and writes take the ordinary path.)"""
+    try:
+        pipe = os.pipe2(os.O_CLOEXEC)
+    except OSError:
+        return False
     try:
         os.splice(pipe[0], fd, 1, offset_dst=0, flags=os.SPLICE_F_NONBLOCK)
     except BlockingIOError:

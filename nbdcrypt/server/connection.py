@@ -225,10 +225,11 @@ class Connection(asyncio.BufferedProtocol):
             return None
         return SpliceTarget(header[4], target[0], target[1], simple_reply(header[2]))
 
-    def payload_spliced(self, error: OSError | None, nanoseconds: int, *, replied: bool) -> None:
-        """The thread moved splice_target()'s payload to the file: the write is done. Its
-        reply is queued as _write's would be, unless the thread sent `target.reply` itself
-        (`replied`: it did, with no lock held, then read the next header)."""
+    def payload_spliced(self, error: OSError | None, nanoseconds: int) -> None:
+        """The thread moved splice_target()'s payload to the file: the write is done. A
+        failed one's error reply is queued as _write's would be; a successful one's reply
+        (`target.reply`) the thread sent itself, with no lock held, before it read the next
+        header (or could not: then the connection is gone)."""
         assert self._parser is not None
         cmd, flags, handle, offset, length = self._parser.payload_taken()
         self._header_only = True  # the next payload is likely large too
@@ -236,8 +237,6 @@ class Connection(asyncio.BufferedProtocol):
         self.spliced += 1
         if error is None:
             self.bytes_written += length
-            if not replied:
-                self._send(simple_reply(handle))
         else:
             self._fail(Command(cmd, flags, handle, offset, length, None), error)
         record(self.latency, cmd, nanoseconds)

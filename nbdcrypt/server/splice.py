@@ -42,10 +42,15 @@ class PayloadSplicer:
 
     def __init__(self, *, native: bool = True) -> None:
         self._read, self._write = os.pipe2(os.O_CLOEXEC)
+        try:
+            self._null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)  # for refused bytes
+        except OSError:
+            os.close(self._read)
+            os.close(self._write)
+            raise
         with contextlib.suppress(OSError):  # over the user's pipe quota: the default size
             fcntl.fcntl(self._write, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         self.size = fcntl.fcntl(self._write, fcntl.F_GETPIPE_SZ)
-        self._null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)  # for refused bytes
         self.native = native and splice_payload is not None
 
     def move(self, sock: int, length: int, fd: int, offset: int) -> OSError | None:
@@ -76,7 +81,7 @@ class PayloadSplicer:
                 moved, failed = self._to_file(fd, offset, n)
                 offset += moved
             if moved < n:  # the file refused some: the rest of this piece goes nowhere
-                self._drain(self._null, n - moved)
+                self._discard(n - moved)
         return failed
 
     def _to_file(self, fd: int, offset: int, n: int) -> tuple[int, int]:
@@ -92,10 +97,10 @@ class PayloadSplicer:
             moved += done
         return moved, 0
 
-    def _drain(self, target: int, n: int) -> None:
-        """Move `n` bytes the pipe holds to `target` (/dev/null)."""
+    def _discard(self, n: int) -> None:
+        """Throw away `n` bytes the pipe holds (to /dev/null)."""
         while n:
-            done = os.splice(self._read, target, n)
+            done = os.splice(self._read, self._null, n)
             if not done:
                 raise OSError(errno.EIO, "splice: the pipe ran dry")
             n -= done

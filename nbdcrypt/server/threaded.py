@@ -85,6 +85,7 @@ class ThreadTransport(asyncio.Transport):
         self._ident: int | None = None
         self.poller = SocketPoller(busy_poll, loop) if busy_poll > 0 and available() else None
         self._splicer: PayloadSplicer | None = None  # made at the first spliced write
+        self._fileno = sock.fileno()
         self._thread = threading.Thread(target=self._run, name="nbd-connection", daemon=True)
 
     def start(self, trailing: bytes) -> None:
@@ -203,7 +204,7 @@ class ThreadTransport(asyncio.Transport):
                 self._out[:0] = out
                 return
             target = None
-            if protocol.splice_ready and protocol.splices:
+            if protocol.splice_ready and protocol.splices and self._has_pipe():
                 target = protocol.splice_target()  # a payload to move to its file unread
             if target is None:
                 buf = protocol.get_buffer(-1)
@@ -216,10 +217,7 @@ class ThreadTransport(asyncio.Transport):
                     self._send(out)
                 if target is not None:
                     moved, failed, took = self._splice(target)
-                    if moved and failed is None:
-                        n, replied, broke = self._chain(target, buf)
-                    else:
-                        n, replied, broke = 0, False, None
+                    n, broke = self._chain(target, buf) if moved and not failed else (0, None)
                 elif whole:
                     n = sock.recv_into(buf, 0, MSG_WAITALL)
                 elif poller is not None and protocol.lone_request:
@@ -231,11 +229,11 @@ class ThreadTransport(asyncio.Transport):
             if out:
                 self._room()
             if target is not None and moved:  # the write is done
-                protocol.payload_spliced(failed, took, replied=replied)
+                protocol.payload_spliced(failed, took)
                 if broke is not None:
                     raise broke
-                if not replied:
-                    continue  # its reply is queued: the next read sends it
+                if failed:
+                    continue  # its error reply is queued: the next read sends it
             while self._read_paused and not self._closing:  # paused while in recv():
                 wake.wait()  # the bytes wait in the protocol's buffer, as asyncio's do
             if self._closing:
@@ -248,32 +246,40 @@ class ThreadTransport(asyncio.Transport):
                 self.close()
                 return
 
+    def _has_pipe(self) -> bool:
+        """Whether this thread can splice: its pipe is made at the first large write (at the
+        descriptor limit it cannot be, and writes take the ordinary path meanwhile)."""
+        if self._splicer is None:
+            try:
+                self._splicer = PayloadSplicer()
+            except OSError as exc:
+                log.debug("connection: no pipe to splice with: %s", exc)
+                return False
+        return True
+
     def _splice(self, target: SpliceTarget) -> tuple[int, OSError | None, int]:
         """Move a write payload from the socket to its file, with no lock held: (its length,
         or 0 if the client closed first; the file's error, if any; nanoseconds taken)."""
-        if self._splicer is None:
-            self._splicer = PayloadSplicer()
+        assert self._splicer is not None  # _has_pipe() said so
+        length = target.length
         began = time.monotonic_ns()
         try:
-            failed = self._splicer.move(self._sock.fileno(), *target[:3])
+            failed = self._splicer.move(self._fileno, length, target.fd, target.offset)
         except EOFError:
             return 0, None, 0
-        return target.length, failed, time.monotonic_ns() - began
+        return length, failed, time.monotonic_ns() - began
 
-    def _chain(self, target: SpliceTarget, header: memoryview) -> tuple[int, bool, OSError | None]:
+    def _chain(self, target: SpliceTarget, header: memoryview) -> tuple[int, OSError | None]:
         """After a spliced write landed, still without the lock: send its reply (not through
         the outbox, so not counted in the write buffer) and read the next header into
-        `header`, which saves a pass under the lock per write. (Bytes read, 0 at EOF; whether
-        the reply went; the socket's error, raised once the write is accounted for.)"""
+        `header`, which saves a pass under the lock per write. (Bytes read, 0 at EOF; the
+        socket's error, raised once the write is accounted for.)"""
         try:
             with self._send_lock:
                 _send_all(self._sock, (target.reply,))
+            return self._sock.recv_into(header), None
         except OSError as exc:
-            return 0, False, exc
-        try:
-            return self._sock.recv_into(header), True, None
-        except OSError as exc:
-            return 0, True, exc
+            return 0, exc
 
     def _finish(self, exc: BaseException | None) -> None:
         """Send what is left (unless aborted), close the socket, tell the protocol."""
