@@ -188,6 +188,17 @@ def test_no_unstarted_write_once_its_payload_began_or_for_a_refused_one() -> Non
     assert ro.unstarted_write() is None  # refused: its payload is skipped, never written
 
 
+def test_close_lets_go_of_the_payload_and_the_recycled_buffers() -> None:
+    p = parser()
+    p.recycle(bytearray(8192))
+    assert p.feed(nw.request(nw.CMD_WRITE, length=4096) + b"x" * 100) == []
+    assert p.pending_payload == 4096
+    p.close()
+    assert p.pending_payload == 0 and p.payload_buffer() is None and p.unstarted_write() is None
+    assert p.feed(b"x" * 3996 + nw.request(nw.CMD_FLUSH)) == []  # nothing more is parsed
+    assert len(p._buffer(8192)) == 8192 and not p._free  # the recycled one is gone
+
+
 def test_disc() -> None:
     assert one(parser(), nw.request(nw.CMD_DISC, handle=HANDLE)) == Disconnect(HANDLE)
 

@@ -187,6 +187,15 @@ class RequestParser:
                 free.append(payload)
             self._free_bytes += size
 
+    def close(self) -> None:
+        """The connection is gone: parse nothing more, and let go of the payload being filled
+        and the recycled buffers at once (a vanished client's half write may be 32 MiB)."""
+        self.closed = True
+        self._payload = self._header = None
+        self._tail = b""
+        self._free.clear()
+        self._free_bytes = 0
+
     def payload_buffer(self) -> memoryview | None:
         """Where the rest of a partly received write payload goes, for callers that can read
         from the socket straight into it (then call payload_received); None if none pends."""

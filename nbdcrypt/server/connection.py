@@ -276,6 +276,7 @@ class Connection(asyncio.BufferedProtocol):
         self._count_connection()
         if self._parser is not None and self.view is not None:
             self.view.export.device.openers -= 1
+            self._parser.close()  # its half-received payload can never complete
         elif self._refused or not self._aborted:  # NBD_OPT_ABORT after a refusal counts too
             failures = self.state.counters.connections.handshake_failures
             failures[self._refused or "disconnected"] += 1

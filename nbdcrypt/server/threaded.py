@@ -65,7 +65,7 @@ class ThreadTransport(asyncio.Transport):
         busy_poll: float = 0.0,
     ) -> None:
         super().__init__(extra)
-        self._protocol = protocol
+        self._protocol: Connection | None = protocol  # None once told the connection is lost
         self._sock = sock
         self._loop = loop
         self._lock = loop.lock
@@ -97,6 +97,7 @@ class ThreadTransport(asyncio.Transport):
     # asyncio.Transport ---------------------------------------------------------------------
 
     def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self._protocol is not None, "the connection is closed"
         return self._protocol
 
     def is_closing(self) -> bool:
@@ -135,6 +136,7 @@ class ThreadTransport(asyncio.Transport):
             self._loop.call_soon(self._send_from_elsewhere)  # sends once the step is done
         if self._queued - self._sent > self._high and not self._write_paused:
             self._write_paused = True
+            assert self._protocol is not None  # set until _finish, which sets _closing first
             self._protocol.pause_writing()
 
     def write_eof(self) -> None:
@@ -162,16 +164,18 @@ class ThreadTransport(asyncio.Transport):
     def _run(self) -> None:
         self._ident = threading.get_ident()
         become_connection_thread(self._loop)
-        exc: BaseException | None = None
+        # _finish is called inside each clause, not after with the exception kept in a local:
+        # that local would make a cycle (exception -> traceback -> this frame -> exception)
+        # holding the connection and its buffers until the cyclic collector happens to run.
         try:
             self._receive()
         except OSError as err:
-            exc = err
+            self._finish(err)
         except BaseException as err:  # a bug: log it, close the connection, keep the server
             log.exception("connection thread failed")
-            exc = err
-        finally:
-            self._finish(exc)
+            self._finish(err)
+        else:
+            self._finish(None)
 
     def _receive(self) -> None:
         """Read and run requests, send their replies: the server lock is let go only for the
@@ -187,6 +191,7 @@ class ThreadTransport(asyncio.Transport):
     def _serve(self) -> None:
         """_receive's loop, with the server lock held."""
         protocol, lock, sock, wake = self._protocol, self._lock, self._sock, self._wake
+        assert protocol is not None
         poller = self.poller
         if self._trailing:
             protocol.data_received(self._trailing)
@@ -294,7 +299,9 @@ class ThreadTransport(asyncio.Transport):
             self._sock.close()
             if self._splicer is not None:
                 self._splicer.close()
-            self._protocol.connection_lost(exc if isinstance(exc, Exception) else None)
+            protocol, self._protocol = self._protocol, None  # the cycle with it, broken now:
+            assert protocol is not None  # its buffers go when the last request lets go of it
+            protocol.connection_lost(exc if isinstance(exc, Exception) else None)
 
     def _shutdown(self, how: int) -> None:
         with contextlib.suppress(OSError):  # already closed by the client, or not connected
@@ -326,11 +333,14 @@ class ThreadTransport(asyncio.Transport):
 
     def _room(self) -> None:
         """After a send (server lock held): let the protocol go on if it waited for room."""
+        protocol = self._protocol
+        if protocol is None:
+            return
         if self._write_paused and self._queued - self._sent <= self._low:
             self._write_paused = False
-            self._protocol.resume_writing()
+            protocol.resume_writing()
         elif self._read_paused and not self._closing:
-            self._protocol.resume_writing()  # the connection's cap counts queued replies
+            protocol.resume_writing()  # the connection's cap counts queued replies
 
     def _send_from_elsewhere(self) -> None:
         """On the loop, after the step that queued replies off the thread (a reply may be
