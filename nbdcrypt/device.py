@@ -10,8 +10,9 @@ maps them to NBD errors. Requests reach a device already validated (in range, al
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from nbdcrypt.blkcrypto.profile import CryptoCaps
 from nbdcrypt.request import Extent, Request
@@ -34,6 +35,32 @@ class DeviceCaps:
     block_size: int = 1  # the smallest unit of I/O it accepts (logical block size), a power of 2
 
 
+class Sealing(NamedTuple):
+    """How one sealed write is encrypted (in place, with no server lock held), and what gives
+    back what it holds (a keyslot): `done()` is called once, whatever became of the write."""
+
+    encrypt: Callable[[bytearray | memoryview], None]
+    done: Callable[[], None]
+
+
+class SealTarget(NamedTuple):
+    """An encrypted write its caller finishes itself (server/threaded.py, "Sealed writes"):
+    once the payload is received, `begin()` (server lock held) gives its Sealing, or None if
+    write() must take it after all (its keyslot only after a wait); the caller encrypts the
+    payload and writes the ciphertext to `fd` at `offset`."""
+
+    fd: int
+    offset: int
+    begin: Callable[[], Sealing | None]
+
+
+def _nothing() -> None:
+    pass
+
+
+NOTHING_HELD = _nothing  # SealTarget.done for a write that held nothing
+
+
 class Device(abc.ABC):
     """A block device of `size` bytes."""
 
@@ -44,6 +71,8 @@ class Device(abc.ABC):
     crypto_caps: CryptoCaps = CryptoCaps.none()  # what it encrypts inline (blk-crypto profile)
     fallback_bytes: int = 0  # bytes the software fallback en/decrypted for requests sent here
     splices = False  # whether splice_target may name a file (else it is always None)
+    seals = False  # whether seal_target may give a target (else it is always None)
+    inline_seals = False  # whether inline_seal_target may (else it is always None)
 
     @abc.abstractmethod
     async def read(self, req: Request) -> bytes | bytearray | memoryview:
@@ -75,12 +104,29 @@ class Device(abc.ABC):
     async def block_status(self, req: Request) -> list[Extent]:
         """Allocation extents from req.offset, covering at least one byte and at most req.length."""
 
-    def splice_target(self, offset: int, length: int) -> tuple[int, int] | None:
+    def file_target(self, offset: int, length: int) -> tuple[int, int] | None:
         """(fd, file offset) where a write of `length` bytes at `offset` lands unchanged and
-        whole, for a caller that moves the bytes there itself (the connection threads splice
-        large payloads from the socket: server/splice.py); None where this device's own code
-        must see them (then `splices` is False). Such a write must count as any other for
-        this device's flush."""
+        whole, for a caller that puts the bytes there itself; None where this device's own
+        code must see them. Such a write must count as any other for this device's flush."""
+        return None
+
+    def splice_target(self, offset: int, length: int) -> tuple[int, int] | None:
+        """file_target() where the file takes splice(2) from a pipe (the connection threads
+        splice large payloads from the socket: server/splice.py); else None, and `splices`
+        is False."""
+        return None
+
+    def seal_target(self, offset: int, length: int) -> SealTarget | None:
+        """How a write of `length` bytes at `offset` through this device's key context is
+        encrypted and where it lands, for a caller that does both itself; None where the
+        usual write() must run (then `seals` is False)."""
+        return None
+
+    def inline_seal_target(
+        self, key: CryptoKey, dun: int, offset: int, length: int
+    ) -> SealTarget | None:
+        """seal_target() for a request that carries `key` at `dun` to this device, when its
+        inline engine does the encryption (blkcrypto/engine.py); None to take write()."""
         return None
 
     async def cache(self, req: Request) -> None:  # noqa: B027 - optional operation

@@ -26,9 +26,8 @@ import nbd
 import nbdwire as nw
 import pytest
 from clients import rawnbd as rn
-from clients.util import release
+from clients.util import release, xts
 from conftest import ROOT, StartServer, require_tool, run
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 MiB = 1024 * 1024
 NOBODY = 65534
@@ -88,17 +87,6 @@ def pwrite(uri_: str, offset: int, data: bytes, *, uid: int = 0) -> None:
 def pread(uri_: str, offset: int, length: int, *, uid: int = 0) -> bytes:
     script = f"sys.stdout.buffer.write(h.pread({length}, {offset}))"
     return nbdsh(uri_, script, uid=uid).stdout
-
-
-def xts(key: bytes, unit: int, offset: int, data: bytes, *, encrypt: bool) -> bytes:
-    """AES-256-XTS over whole data units, DUN = byte offset / unit, as blk-crypto does it."""
-    out = bytearray()
-    for at in range(0, len(data), unit):
-        tweak = ((offset + at) // unit).to_bytes(16, "little")
-        cipher = Cipher(algorithms.AES(key), modes.XTS(tweak))
-        op = cipher.encryptor() if encrypt else cipher.decryptor()
-        out += op.update(data[at : at + unit]) + op.finalize()
-    return bytes(out)
 
 
 def ctl(control: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

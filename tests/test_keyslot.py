@@ -104,6 +104,24 @@ async def test_waiters_are_served_fifo_and_same_key_waiters_share() -> None:
     assert engine.slots == {0: c}
 
 
+async def test_try_get_slot_never_waits_nor_jumps_the_queue() -> None:
+    """What a sealed write uses (the connection thread cannot await): a slot where get_slot
+    would not wait, counted the same; else None, with nothing counted or programmed."""
+    ksm, engine = manager(1)
+    a, b = key("a"), key("b")
+    slot = ksm.try_get_slot(a)
+    assert slot == 0 and ksm.try_get_slot(a) == 0 and ksm.stats.hits == 1
+    assert ksm.try_get_slot(b) is None and ksm.stats.waits == 0 and engine.slots == {0: a}
+    ksm.put_slot(0)
+    waiter = asyncio.create_task(ksm.get_slot(b))  # a held once more: b waits for the slot
+    await asyncio.sleep(0.01)
+    assert ksm.try_get_slot(b) is None  # the waiter is first in line
+    ksm.put_slot(0)
+    assert await waiter == 0 and engine.slots == {0: b}
+    ksm.put_slot(0)
+    assert ksm.try_get_slot(a) == 0 and ksm.stats.evictions == 2
+
+
 async def test_evicting_a_key_in_use_is_ebusy() -> None:
     ksm, engine = manager(2)
     a = key("a")

@@ -110,6 +110,9 @@ class FileDevice(Device):
                 return
             data, offset = memoryview(data)[done:], offset + done  # short: the rest
 
+    def file_target(self, offset: int, length: int) -> tuple[int, int] | None:
+        return self.fd, offset
+
     def splice_target(self, offset: int, length: int) -> tuple[int, int] | None:
         return (self.fd, offset) if self.splices else None
 

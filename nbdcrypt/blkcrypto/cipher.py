@@ -14,7 +14,9 @@ import errno
 from collections.abc import Iterator
 
 from nbdcrypt.blkcrypto.key import CryptoKey, CryptoMode
+from nbdcrypt.crypto import libcrypto
 from nbdcrypt.crypto.cbc import CbcCipher
+from nbdcrypt.crypto.libcrypto import InPlace
 from nbdcrypt.crypto.xts import XtsCipher
 
 Buffer = bytes | bytearray | memoryview
@@ -48,6 +50,19 @@ class UnitCipher:
     def decrypt(self, dun: int, data: Buffer) -> memoryview:
         self._check(data)
         return self._impl.decrypt(data, dun, self.unit)
+
+    @staticmethod
+    def encrypts_in_place(key: CryptoKey) -> bool:
+        """Whether encrypt_in_place can prepare requests of `key` (AES-XTS, the C module)."""
+        return key.mode is CryptoMode.AES_256_XTS and libcrypto.native()
+
+    def encrypt_in_place(self, dun: int, length: int) -> InPlace | None:
+        """Encryption of `length` bytes from data unit `dun` prepared whole, to run later over
+        the payload's own buffer with no server lock held (XtsCipher.in_place); None for
+        AES-CBC-ESSIV or where it takes more than one C call."""
+        if length % self.unit or not isinstance(self._impl, XtsCipher):
+            return None
+        return self._impl.in_place(dun, self.unit, length)
 
     def zeroes(self, dun: int, length: int) -> Iterator[tuple[int, memoryview]]:
         """Encrypted zeroes for `length` bytes from data unit `dun`, in pieces of at most

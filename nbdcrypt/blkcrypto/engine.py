@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import errno
 from dataclasses import replace
+from functools import partial
 
 from nbdcrypt.blkcrypto.cipher import UnitCipher
 from nbdcrypt.blkcrypto.key import CryptoKey
 from nbdcrypt.blkcrypto.keyslot import KeyslotManager, KeyslotStats
 from nbdcrypt.blkcrypto.profile import CryptoCaps
-from nbdcrypt.device import Device
+from nbdcrypt.device import NOTHING_HELD, Device, Sealing, SealTarget
 from nbdcrypt.request import EXTENT_ZERO, Extent, Op, ReqFlag, Request
 
 
@@ -37,6 +38,7 @@ class InlineCryptoDevice(Device):
             KeyslotManager(num_slots, self._program, self._evict) if num_slots > 0 else None
         )
         self.requests = 0  # requests the engine en/decrypted (for keyslot-less engines too)
+        self.inline_seals = inner.file_target(0, 0) is not None  # straight over a file
 
     @property
     def stats(self) -> KeyslotStats:
@@ -86,6 +88,43 @@ class InlineCryptoDevice(Device):
             return cipher, None
         slot = await self.keyslots.get_slot(key)
         return self._slot_ciphers[slot], slot
+
+    def inline_seal_target(
+        self, key: CryptoKey, dun: int, offset: int, length: int
+    ) -> SealTarget | None:
+        """A write of `key` at `dun` its caller encrypts in place and writes to the file below
+        itself; None where write() must run (no support for the key). Its keyslot is taken
+        only once the payload is in (_begin_seal): a client that stalls inside a payload
+        holds no slot another tenant waits for."""
+        if not self.inline_seals or not self.crypto_caps.supports(key):
+            return None
+        if length % key.data_unit_size or not UnitCipher.encrypts_in_place(key):
+            return None
+        landing = self.inner.file_target(offset, length)
+        if landing is None:
+            return None
+        return SealTarget(landing[0], landing[1], partial(self._begin_seal, key, dun, length))
+
+    def _begin_seal(self, key: CryptoKey, dun: int, length: int) -> Sealing | None:
+        """A keyslot got without waiting, and the request's encryption prepared with it;
+        None (nothing held) if the slot is only to be had after a wait."""
+        keyslots = self.keyslots
+        if keyslots is None:
+            cipher = self._raw_ciphers.get(key)
+            if cipher is None:
+                cipher = self._raw_ciphers[key] = UnitCipher(key)
+            slot = None
+        else:
+            slot = keyslots.try_get_slot(key)
+            if slot is None:
+                return None
+            cipher = self._slot_ciphers[slot]
+        encrypt = cipher.encrypt_in_place(dun, length)
+        if encrypt is None:
+            self._release(slot)
+            return None
+        self.requests += 1
+        return Sealing(encrypt, NOTHING_HELD if slot is None else partial(self._release, slot))
 
     def _release(self, slot: int | None) -> None:
         if slot is not None and self.keyslots is not None:

@@ -70,6 +70,13 @@ class KeyslotManager:
 
     async def get_slot(self, key: CryptoKey) -> int:
         """A slot holding `key`, held for the caller until put_slot()."""
+        slot = self.try_get_slot(key)
+        if slot is not None:
+            return slot
+        return await self._wait(key)
+
+    def try_get_slot(self, key: CryptoKey) -> int | None:
+        """get_slot() where it need not wait; else None (and nothing is counted)."""
         slot = self._by_key.get(key)
         if slot is not None:
             self._hold(slot)
@@ -80,7 +87,7 @@ class KeyslotManager:
             self._program_into(slot, key)
             self._hold(slot)
             return slot
-        return await self._wait(key)
+        return None
 
     async def _wait(self, key: CryptoKey) -> int:
         self.stats.waits += 1

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import errno
 from dataclasses import replace
+from functools import partial
 
 from nbdcrypt.blkcrypto.cipher import UnitCipher
 from nbdcrypt.blkcrypto.key import CryptContext, CryptoKey
-from nbdcrypt.device import Device, DeviceCaps
+from nbdcrypt.device import NOTHING_HELD, Device, DeviceCaps, Sealing, SealTarget
 from nbdcrypt.request import EXTENT_ZERO, Extent, Op, ReqFlag, Request
 
 
@@ -29,6 +30,11 @@ class CryptSubmitter(Device):
         self.name = device.name
         self.unit = key.data_unit_size
         self._fallback: UnitCipher | None = None
+        # A write the connection thread may encrypt and land itself: an inline engine right
+        # over a file, or the fallback right over one (server/threaded.py, "Sealed writes").
+        self.seals = UnitCipher.encrypts_in_place(key) and (
+            device.inline_seals or device.file_target(0, 0) is not None
+        )
 
     @property
     def size(self) -> int:  # type: ignore[override]
@@ -69,6 +75,28 @@ class CryptSubmitter(Device):
         data = self._cipher().encrypt(ctx.dun, req.data)
         self.device.fallback_bytes += req.length
         await self.device.write(req.fallback_encrypted(data))
+
+    def seal_target(self, offset: int, length: int) -> SealTarget | None:
+        """write()'s work for its caller to do: the device's inline engine, or the fallback,
+        prepares the encryption, and the ciphertext's place in the file is given."""
+        unit = self.unit
+        if not self.seals or (offset | length) % unit:
+            return None  # misaligned: write() gives the client its EINVAL
+        dun = offset // unit
+        device = self.device
+        if self._inline():
+            return device.inline_seal_target(self.key, dun, offset, length)
+        landing = device.file_target(offset, length)
+        if landing is None:
+            return None
+        return SealTarget(landing[0], landing[1], partial(self._begin_fallback, dun, length))
+
+    def _begin_fallback(self, dun: int, length: int) -> Sealing | None:
+        encrypt = self._cipher().encrypt_in_place(dun, length)
+        if encrypt is None:
+            return None
+        self.device.fallback_bytes += length
+        return Sealing(encrypt, NOTHING_HELD)
 
     async def write_zeroes(self, req: Request) -> None:
         ctx = self._context(req.offset)

@@ -91,17 +91,24 @@ def _function_address(function: Any) -> int:
 
 
 def _c_call(function: Callable[..., None], *args: object) -> None:
-    """Call into _units.c; on failure (OSError EIO) clear this thread's OpenSSL error queue,
-    which Python's ssl module shares, before the error goes up.
+    """Call into _units.c, letting go of the server lock (threadrole.py): the call touches
+    only the request's buffers and this thread's contexts, so connection threads encrypt at
+    once, one per core."""
+    with unlocked():
+        _c_direct(function, *args)
 
-    The call touches only the request's buffers and this thread's contexts, so it lets go of
-    the server lock (threadrole.py): connection threads encrypt at once, one per core."""
+
+def _c_direct(function: Callable[..., None], *args: object) -> None:
+    """Call into _units.c; on failure (OSError EIO) clear this thread's OpenSSL error queue,
+    which Python's ssl module shares, before the error goes up."""
     try:
-        with unlocked():
-            function(*args)
+        function(*args)
     except OSError:
         _lib.ERR_clear_error()
         raise
+
+
+InPlace = Callable[[bytearray | memoryview], None]  # one prepared request over a buffer, in place
 
 
 def address(buffer: Buffer | U64) -> tuple[int, object]:
@@ -209,6 +216,20 @@ class UnitEngine:
             iv += BLOCK
         del keep_src, keep_dst, keep_ivs
 
+    def in_place(self, ivs: bytes, unit_size: int, *, encrypt: bool) -> InPlace | None:
+        """One request prepared whole (its IV blocks given now) for a caller that runs it
+        later holding no server lock, over a buffer in place; None without the C loop."""
+        if self._native is None or _c_loop is None:
+            return None
+        init, update = self._native
+        ctx = self._context(encrypt).ptr or 0
+        loop = _c_loop
+
+        def run(buffer: bytearray | memoryview) -> None:
+            _c_direct(loop, init, update, ctx, buffer, buffer, ivs, unit_size)
+
+        return run
+
 
 class XtsEngine:
     """AES-XTS of whole requests in the C module from two ECB contexts (K1 and K2), no
@@ -256,3 +277,14 @@ class XtsEngine:
         tweak, enc, dec = self._contexts()
         data_ctx = enc.ptr if encrypt else dec.ptr
         _c_call(_c_xts, self._update, tweak.ptr or 0, data_ctx or 0, data, target, ivs, unit_size)
+
+    def in_place(self, ivs: bytes, unit_size: int, *, encrypt: bool) -> InPlace:
+        """One request prepared whole, as UnitEngine.in_place."""
+        tweak, enc, dec = self._contexts()
+        args = (self._update, tweak.ptr or 0, (enc.ptr if encrypt else dec.ptr) or 0)
+        xts = _c_xts
+
+        def run(buffer: bytearray | memoryview) -> None:
+            _c_direct(xts, *args, buffer, buffer, ivs, unit_size)
+
+        return run

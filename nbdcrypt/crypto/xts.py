@@ -150,6 +150,27 @@ class XtsCipher:
                 self._batched(job, target[lo:hi], table=path == "table")
         return target
 
+    def in_place(
+        self, first: int, unit_size: int, length: int, *, encrypt: bool = True
+    ) -> libcrypto.InPlace | None:
+        """A request of `length` bytes from IV number `first` prepared whole, to run later in
+        place over its buffer with no server lock held (a connection thread that lands a write
+        payload itself); None where it takes no single C call (then encrypt() must do it)."""
+        if unit_size < BLOCK or unit_size % BLOCK or length % unit_size:
+            return None
+        units = length // unit_size
+        path = self._path(units, unit_size // BLOCK)
+        if path not in ("native", "engine"):
+            return None
+        ivs = batch.ivs_for(first, units, 1, self.iv_bits, "xts.in_place")
+        if not isinstance(ivs, bytes):  # built without the C module: no C loop either
+            return None
+        if path == "native":
+            assert self._native is not None
+            return self._native.in_place(ivs, unit_size, encrypt=encrypt)
+        assert self._engine is not None
+        return self._engine.in_place(ivs, unit_size, encrypt=encrypt)
+
     def _path(self, units: int, blocks: int) -> str:
         """native | engine | cryptography | table | chain: the fastest way for this shape."""
         engine = self._engine

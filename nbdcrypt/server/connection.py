@@ -144,6 +144,8 @@ class Connection(asyncio.BufferedProtocol):
         self.bytes_read = 0
         self.bytes_written = 0
         self.spliced = 0  # writes whose payloads went from the socket to the file by splice
+        self.sealed = 0  # encrypted writes the connection thread landed itself
+        self.seals = False  # the export's device may hand encrypted writes over (seal_target)
         self.splices = False  # the export's device may take payloads by splice (splice_target)
         # The last read left a large write's payload to come: splice_target may have a place.
         self.splice_ready = False
@@ -213,33 +215,52 @@ class Connection(asyncio.BufferedProtocol):
     def splice_target(self) -> SpliceTarget | None:
         """Where the payload next on the wire can go straight from the socket
         (server/splice.py), or None if it must be read into its buffer. Only a large write
-        without flags whose bytes land unchanged in one file, with nothing queued before it;
-        the connection thread moves it, then calls payload_spliced."""
-        header = self._parser.unstarted_write() if self._parser is not None else None
+        without flags, with nothing queued before it, whose bytes land unchanged in one file
+        or (sealed) whose device lets the thread encrypt them and write them to one file; the
+        connection thread moves it, then calls payload_spliced."""
+        parser = self._parser
+        header = parser.unstarted_write() if parser is not None else None
         if header is None or header[1] or header[4] < DIRECT_PAYLOAD:
             return None
         if self._queue or self._shutting_down:
             return None
+        if self.seals:
+            assert parser is not None
+            sealed = self._device.seal_target(header[3], header[4])
+            if sealed is None:
+                return None
+            reply = simple_reply(header[2])
+            buffer = parser.payload_buffer()
+            return SpliceTarget(header[4], sealed.fd, sealed.offset, reply, buffer, sealed.begin)
         target = self._device.splice_target(header[3], header[4])
         if target is None:
             return None
         return SpliceTarget(header[4], target[0], target[1], simple_reply(header[2]))
 
-    def payload_spliced(self, error: OSError | None, nanoseconds: int) -> None:
-        """The thread moved splice_target()'s payload to the file: the write is done. A
-        failed one's error reply is queued as _write's would be; a successful one's reply
-        (`target.reply`) the thread sent itself, with no lock held, before it read the next
-        header (or could not: then the connection is gone)."""
+    def payload_spliced(self, sealed: bool, error: OSError | None, nanoseconds: int) -> None:
+        """The thread moved splice_target()'s payload to the file (`sealed`: encrypted it on
+        the way): the write is done. A failed one's error reply is queued as _write's would
+        be; a successful one's reply (`target.reply`) the thread sent itself, with no lock
+        held, before it read the next header (or could not: then the connection is gone)."""
         assert self._parser is not None
         cmd, flags, handle, offset, length = self._parser.payload_taken()
         self._header_only = True  # the next payload is likely large too
         self.lone_request = self.splice_ready = self.reading_payload = False
-        self.spliced += 1
+        if sealed:
+            self.sealed += 1
+        else:
+            self.spliced += 1
         if error is None:
             self.bytes_written += length
         else:
             self._fail(Command(cmd, flags, handle, offset, length, None), error)
         record(self.latency, cmd, nanoseconds)
+
+    def payload_arrived(self, nbytes: int) -> None:
+        """splice_target()'s payload was received whole into its buffer, but its write must
+        take the ordinary path after all (its keyslot only after a wait)."""
+        self.reading_payload = True
+        self.buffer_updated(nbytes)
 
     @property
     def header_buffer(self) -> memoryview:
@@ -289,7 +310,7 @@ class Connection(asyncio.BufferedProtocol):
             polled = poller.hits if poller is not None else 0
             log.info(
                 "%s: %s closed export %r (%s) after %.1fs: %d requests, %d bytes read, "
-                "%d written%s%s%s",
+                "%d written%s%s%s%s",
                 self.peer,
                 self.identity.describe(),
                 self.view.name,
@@ -300,6 +321,7 @@ class Connection(asyncio.BufferedProtocol):
                 self.bytes_written,
                 f", {polled} received by busy polling" if polled else "",
                 f", {self.spliced} spliced" if self.spliced else "",
+                f", {self.sealed} sealed" if self.sealed else "",
                 f" ({exc})" if exc else "",
                 extra=self._log_fields(
                     self.view,
@@ -310,6 +332,7 @@ class Connection(asyncio.BufferedProtocol):
                     bytes_written=self.bytes_written,
                     busy_polled=polled,
                     spliced=self.spliced,
+                    sealed=self.sealed,
                     error=str(exc) if exc else None,
                 ),
             )
@@ -442,6 +465,7 @@ class Connection(asyncio.BufferedProtocol):
         )
         self._device = view.io
         self.splices = view.io.splices
+        self.seals = view.io.seals
         view.export.device.openers += 1
         self.state.key_users.join(view, self)
         self._key_view = view

@@ -18,7 +18,11 @@ import contextlib
 import errno
 import fcntl
 import os
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from nbdcrypt.device import Sealing
 
 try:
     from nbdcrypt.server._splice import splice_payload
@@ -29,12 +33,16 @@ PIPE_SIZE = 1 << 20  # the most one socket-to-pipe call moves (a 256 KiB payload
 
 
 class SpliceTarget(NamedTuple):
-    """A write payload the connection thread moves from the socket to a file itself."""
+    """A write payload the connection thread moves from the socket to a file itself: by
+    splice, or (a sealed write: `begin` set) received into `buffer`, then encrypted in place
+    and written as `begin()` says (device.SealTarget)."""
 
     length: int
     fd: int
     offset: int
     reply: bytes  # its reply once it landed
+    buffer: memoryview | None = None
+    begin: Callable[[], Sealing | None] | None = None
 
 
 class PayloadSplicer:

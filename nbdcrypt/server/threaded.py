@@ -10,8 +10,10 @@ ThreadTransport stands in for the asyncio transport, so Connection runs unchange
 protocol callbacks (get_buffer, buffer_updated, eof_received, resume_writing,
 connection_lost) are called on this thread with the server lock held (server/lockedloop.py).
 A large write that lands unchanged in a file is spliced there from the socket instead of
-being received (Connection.splice_target, server/splice.py); its reply then leaves from this
-thread before it takes the lock again (under the send lock, outside the outbox).
+being received (Connection.splice_target, server/splice.py); a large encrypted one whose
+device allows it (a sealed write) is received, encrypted in place and written by this thread,
+all without the lock. Either's reply then leaves from this thread before it takes the lock
+again (under the send lock, outside the outbox).
 Replies collect in an outbox and are sent after the lock is let go; replies made on the loop
 (requests that had to wait) are sent by the loop once the step that made them is over, at once
 if the socket takes them, else by an executor thread. The Transport methods are called with
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import socket
 import threading
 import time
@@ -38,6 +42,8 @@ if TYPE_CHECKING:
     from nbdcrypt.server.connection import Connection
 
 log = logging.getLogger("nbdcrypt.connection")
+
+Buffer = bytes | bytearray | memoryview
 
 _MAX_IOV = 1024  # buffers per sendmsg (IOV_MAX)
 
@@ -209,8 +215,14 @@ class ThreadTransport(asyncio.Transport):
                 self._out[:0] = out
                 return
             target = None
-            if protocol.splice_ready and protocol.splices and self._has_pipe():
-                target = protocol.splice_target()  # a payload to move to its file unread
+            if protocol.splice_ready and (protocol.splices or protocol.seals):
+                target = protocol.splice_target()  # a payload to land in its file ourselves
+                if target is not None and target.begin is not None:
+                    if self._seal(protocol, target, out) or self._received(protocol, 0):
+                        continue
+                    return
+                if target is not None and not self._has_pipe():
+                    target = None
             if target is None:
                 buf = protocol.get_buffer(-1)
                 whole = protocol.reading_payload  # a payload's rest: one call fills it
@@ -234,22 +246,29 @@ class ThreadTransport(asyncio.Transport):
             if out:
                 self._room()
             if target is not None and moved:  # the write is done
-                protocol.payload_spliced(failed, took)
+                protocol.payload_spliced(False, failed, took)
                 if broke is not None:
                     raise broke
                 if failed:
                     continue  # its error reply is queued: the next read sends it
-            while self._read_paused and not self._closing:  # paused while in recv():
-                wake.wait()  # the bytes wait in the protocol's buffer, as asyncio's do
-            if self._closing:
+            if not self._received(protocol, n):
                 return
-            if n:
-                protocol.buffer_updated(n)
-            elif protocol.eof_received():  # the client half-closed: replies still go out
-                self._read_paused = True
-            else:
-                self.close()
-                return
+
+    def _received(self, protocol: Connection, n: int) -> bool:
+        """After a read of `n` bytes (0: the client closed), the lock held again: hand them to
+        the protocol once reading may go on. False when this thread is done."""
+        while self._read_paused and not self._closing:  # paused while in recv():
+            self._wake.wait()  # the bytes wait in the protocol's buffer, as asyncio's do
+        if self._closing:
+            return False
+        if n:
+            protocol.buffer_updated(n)
+        elif protocol.eof_received():  # the client half-closed: replies still go out
+            self._read_paused = True
+        else:
+            self.close()
+            return False
+        return True
 
     def _has_pipe(self) -> bool:
         """Whether this thread can splice: its pipe is made at the first large write (at the
@@ -274,14 +293,79 @@ class ThreadTransport(asyncio.Transport):
             return 0, None, 0
         return length, failed, time.monotonic_ns() - began
 
+    def _seal(self, protocol: Connection, target: SpliceTarget, out: Sequence[Buffer]) -> bool:
+        """Land a sealed write, the server lock held but let go for the socket and the cipher:
+        send `out`, receive the payload into its buffer; then, holding what begin() takes (a
+        keyslot), encrypt it in place, write it to its file, send its reply; then give that
+        back and count the write. A write begin() refuses takes the ordinary path, payload
+        received. False if the client closed inside the payload."""
+        buf, begin = target.buffer, target.begin
+        assert buf is not None and begin is not None
+        length, lock = target.length, self._lock
+        began = time.monotonic_ns()
+        lock.release()
+        try:
+            if out:
+                self._send(out)
+            got = self._recv_whole(buf, length)
+        finally:
+            lock.acquire()
+        if out:
+            self._room()
+        if got < length:
+            return False
+        sealing = begin()
+        if sealing is None:
+            protocol.payload_arrived(length)
+            return True
+        failed = broke = None
+        lock.release()
+        try:
+            try:
+                sealing.encrypt(buf)
+                _pwrite_all(target.fd, buf, target.offset)
+            except OSError as exc:
+                failed = exc  # the client gets it; the payload was taken whole
+            else:
+                broke = self._reply(target.reply)
+        finally:
+            lock.acquire()
+            sealing.done()
+        protocol.payload_spliced(True, failed, time.monotonic_ns() - began)
+        if broke is not None:
+            raise broke
+        return True
+
+    def _recv_whole(self, buf: memoryview, length: int) -> int:
+        """Receive `length` bytes into `buf`: that many, or fewer if the client closed."""
+        sock = self._sock
+        got = sock.recv_into(buf, length, MSG_WAITALL)
+        while got < length:  # a signal cut the wait short, or the client closed
+            n = sock.recv_into(buf[got:], length - got, MSG_WAITALL)
+            if not n:
+                break
+            got += n
+        return got
+
+    def _reply(self, reply: bytes) -> OSError | None:
+        """Send a landed write's reply from this thread, outside the outbox (so not counted in
+        the write buffer), under the send lock; the socket's error, if any."""
+        try:
+            with self._send_lock:
+                _send_all(self._sock, (reply,))
+        except OSError as exc:
+            return exc
+        return None
+
     def _chain(self, target: SpliceTarget, header: memoryview) -> tuple[int, OSError | None]:
         """After a spliced write landed, still without the lock: send its reply (not through
         the outbox, so not counted in the write buffer) and read the next header into
         `header`, which saves a pass under the lock per write. (Bytes read, 0 at EOF; the
         socket's error, raised once the write is accounted for.)"""
+        broke = self._reply(target.reply)
+        if broke is not None:
+            return 0, broke
         try:
-            with self._send_lock:
-                _send_all(self._sock, (target.reply,))
             return self._sock.recv_into(header), None
         except OSError as exc:
             return 0, exc
@@ -393,6 +477,16 @@ class ThreadTransport(asyncio.Transport):
             self._drain()
         except OSError as exc:
             log.debug("connection: reply send failed: %s", exc)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of `data` to `fd` at `offset` (a short write goes on where it stopped)."""
+    done = os.pwrite(fd, data, offset)
+    while done < len(data):
+        n = os.pwrite(fd, data[done:], offset + done)
+        if not n:
+            raise OSError(errno.EIO, "pwrite wrote nothing")
+        done += n
 
 
 def _send_all(sock: socket.socket, out: Sequence[bytes | bytearray | memoryview]) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 import nbd
 import pytest
 from conftest import RunningServer, launch_server, run
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 MiB = 1024 * 1024
 
@@ -185,3 +186,14 @@ __all__ = [
     "sha256_file",
     "workdir",
 ]
+
+
+def xts(key: bytes, unit: int, offset: int, data: bytes, *, encrypt: bool) -> bytes:
+    """AES-256-XTS over whole data units, DUN = byte offset / unit, as blk-crypto does it."""
+    out = bytearray()
+    for at in range(0, len(data), unit):
+        tweak = ((offset + at) // unit).to_bytes(16, "little")
+        cipher = Cipher(algorithms.AES(key), modes.XTS(tweak))
+        op = cipher.encryptor() if encrypt else cipher.decryptor()
+        out += op.update(data[at : at + unit]) + op.finalize()
+    return bytes(out)
