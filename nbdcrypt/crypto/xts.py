@@ -151,18 +151,19 @@ class XtsCipher:
         return target
 
     def in_place(
-        self, first: int, unit_size: int, length: int, *, encrypt: bool = True
+        self, first: int, unit_size: int, length: int, *, step: int = 1, encrypt: bool = True
     ) -> libcrypto.InPlace | None:
-        """A request of `length` bytes from IV number `first` prepared whole, to run later in
-        place over its buffer with no server lock held (a connection thread that lands a write
-        payload itself); None where it takes no single C call (then encrypt() must do it)."""
+        """A request of `length` bytes from IV number `first` (unit i: first + i * step)
+        prepared whole, to run later in place over its buffer with no server lock held (a
+        connection thread that lands a write payload itself); None where it takes no single
+        C call (then encrypt() must do it)."""
         if unit_size < BLOCK or unit_size % BLOCK or length % unit_size:
             return None
         units = length // unit_size
         path = self._path(units, unit_size // BLOCK)
         if path not in ("native", "engine"):
             return None
-        ivs = batch.ivs_for(first, units, 1, self.iv_bits, "xts.in_place")
+        ivs = batch.ivs_for(first, units, step, self.iv_bits, "xts.in_place")
         if not isinstance(ivs, bytes):  # built without the C module: no C loop either
             return None
         if path == "native":

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 from nbdcrypt.blkcrypto.key import CryptoKey
 from nbdcrypt.blkcrypto.profile import CryptoCaps
-from nbdcrypt.device import Device, DeviceCaps
+from nbdcrypt.device import Device, DeviceCaps, Sealing, SealTarget
 from nbdcrypt.dm.remap import PieceMapper
 from nbdcrypt.dm.table import Table, TableError
 from nbdcrypt.dm.target import Target
@@ -142,6 +143,38 @@ class MappedDevice(PieceMapper):
         target = table.targets[i]
         within = offset - table.starts[i]
         return target, within, min(length, target.size - within)
+
+    @property
+    def seals(self) -> bool:  # type: ignore[override]
+        return any(target.seals for target in self.live.targets)
+
+    def seal_target(self, offset: int, length: int) -> SealTarget | None:
+        """A write within one line of the table whose target lets its caller encrypt and
+        land it; counted in flight from begin() to done(), so a suspend waits for it."""
+        if self._suspended:
+            return None
+        target, within, n = self.map_piece(offset, length)
+        if n != length or not target.seals:
+            return None
+        sealed = target.seal_target(within, length)
+        if sealed is None:
+            return None
+        return sealed._replace(begin=partial(self._begin_seal, sealed.begin))
+
+    def _begin_seal(self, begin: Callable[[], Sealing | None]) -> Sealing | None:
+        """The target's begin(), unless the device was suspended meanwhile (then the
+        ordinary write waits for the resume), with the write counted in flight."""
+        if self._suspended:
+            return None
+        sealing = begin()
+        if sealing is None:
+            return None
+        self._inflight += 1
+        return sealing._replace(done=partial(self._end_seal, sealing.done))
+
+    def _end_seal(self, done: Callable[[], None]) -> None:
+        done()
+        self._leave()
 
     async def _enter(self) -> None:
         while self._resumed is not None:
