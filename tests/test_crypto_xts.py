@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -167,6 +168,22 @@ def test_in_place_matches_the_reference(case: Case) -> None:
     assert undo is not None
     undo(buffer)
     assert bytes(buffer) == case.data
+
+
+@pytest.mark.parametrize("unit", [512, 4096])  # the two C paths: XtsEngine, UnitEngine
+def test_a_prepared_request_outlives_its_cipher(unit: int) -> None:
+    """A sealed write runs its prepared call with no lock held, while another thread may drop
+    the cipher (a key evicted from a keyslot-less engine): the call keeps its OpenSSL
+    contexts alive, so the bytes come out right rather than from freed memory."""
+    key, data = os.urandom(64), os.urandom(4 * unit)
+    cipher = XtsCipher(key)
+    run = cipher.in_place(7, unit, len(data))
+    assert run is not None
+    del cipher
+    gc.collect()
+    buffer = bytearray(data)
+    run(buffer)
+    assert bytes(buffer) == reference(Case(key, data, 7, unit))
 
 
 def test_in_place_refuses_what_is_not_whole_units() -> None:

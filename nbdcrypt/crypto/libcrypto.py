@@ -218,15 +218,17 @@ class UnitEngine:
 
     def in_place(self, ivs: bytes, unit_size: int, *, encrypt: bool) -> InPlace | None:
         """One request prepared whole (its IV blocks given now) for a caller that runs it
-        later holding no server lock, over a buffer in place; None without the C loop."""
+        later holding no server lock, over a buffer in place; None without the C loop. The
+        call holds this thread's context itself: were the engine dropped meanwhile (a key
+        evicted from a keyslot-less engine), the context must outlive the C call."""
         if self._native is None or _c_loop is None:
             return None
         init, update = self._native
-        ctx = self._context(encrypt).ptr or 0
+        context = self._context(encrypt)
         loop = _c_loop
 
         def run(buffer: bytearray | memoryview) -> None:
-            _c_direct(loop, init, update, ctx, buffer, buffer, ivs, unit_size)
+            _c_direct(loop, init, update, context.ptr or 0, buffer, buffer, ivs, unit_size)
 
         return run
 
@@ -279,12 +281,12 @@ class XtsEngine:
         _c_call(_c_xts, self._update, tweak.ptr or 0, data_ctx or 0, data, target, ivs, unit_size)
 
     def in_place(self, ivs: bytes, unit_size: int, *, encrypt: bool) -> InPlace:
-        """One request prepared whole, as UnitEngine.in_place."""
+        """One request prepared whole, as UnitEngine.in_place (its contexts held by the call)."""
         tweak, enc, dec = self._contexts()
-        args = (self._update, tweak.ptr or 0, (enc.ptr if encrypt else dec.ptr) or 0)
-        xts = _c_xts
+        data = enc if encrypt else dec
+        update, xts = self._update, _c_xts
 
         def run(buffer: bytearray | memoryview) -> None:
-            _c_direct(xts, *args, buffer, buffer, ivs, unit_size)
+            _c_direct(xts, update, tweak.ptr or 0, data.ptr or 0, buffer, buffer, ivs, unit_size)
 
         return run
