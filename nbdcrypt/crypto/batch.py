@@ -72,13 +72,19 @@ class Ecb:
         return ctx
 
     def encrypt_in_place(self, words: U64, nbytes: int) -> None:
-        """Encrypt the first nbytes of `words` in place (words has SLACK_WORDS to spare)."""
-        view = words.view(np.uint8).data
-        self._context(True).update_into(view[:nbytes], view)
+        """Encrypt the first nbytes of `words` in place."""
+        self._in_place(True, words, nbytes)
 
     def decrypt_in_place(self, words: U64, nbytes: int) -> None:
-        view = words.view(np.uint8).data
-        self._context(False).update_into(view[:nbytes], view)
+        self._in_place(False, words, nbytes)
+
+    def _in_place(self, encrypt: bool, words: U64, nbytes: int) -> None:
+        """Through this thread's scratch and back: cryptography 51 refuses an update_into
+        whose output overlaps its input, as a truly in-place call would."""
+        out = scratch("ecb.out", nbytes // 8 + SLACK_WORDS)
+        view, out_view = words.view(np.uint8).data, out.view(np.uint8).data
+        self._context(encrypt).update_into(view[:nbytes], out_view)
+        view[:nbytes] = out_view[:nbytes]
 
     def apply(self, encrypt: bool) -> Callable[[U64, int], None]:
         return self.encrypt_in_place if encrypt else self.decrypt_in_place
