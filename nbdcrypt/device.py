@@ -111,10 +111,9 @@ class Device(abc.ABC):
         return None
 
     def splice_target(self, offset: int, length: int) -> tuple[int, int] | None:
-        """file_target() where the file takes splice(2) from a pipe (the connection threads
-        splice large payloads from the socket: server/splice.py); else None, and `splices`
-        is False."""
-        return None
+        """file_target() where the file takes splice(2) from a pipe (`splices`: the connection
+        threads splice large payloads from the socket, server/splice.py); else None."""
+        return self.file_target(offset, length) if self.splices else None
 
     def seal_target(self, offset: int, length: int) -> SealTarget | None:
         """How a write of `length` bytes at `offset` through this device's key context is

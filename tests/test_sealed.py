@@ -79,23 +79,21 @@ def sealed(server: RunningServer, export: str) -> int:
     return sum(int(m.group(1)) for m in found if m)
 
 
-def within(seconds: float, work: Callable[[], None]) -> None:
-    """Run `work` on a thread and fail, not hang, if it is not done in `seconds` (a keyslot
-    never given back leaves the next write that needs it waiting forever)."""
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            work()
-        except BaseException as exc:  # re-raised below, on the test's thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"not done within {seconds}s: is a keyslot still held?"
-    if errors:
-        raise errors[0]
+def within(seconds: float, *works: Callable[[], None]) -> None:
+    """Run `works` at once, each on a thread, and fail, not hang, if they are not done in
+    `seconds` (a keyslot never given back leaves the next write that needs it waiting
+    forever); the first error of any is raised here."""
+    pool = ThreadPoolExecutor(len(works))
+    try:
+        running = [pool.submit(work) for work in works]
+        deadline = time.monotonic() + seconds
+        for future in running:
+            try:
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise AssertionError(f"not done within {seconds}s: is a keyslot held?") from None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def through_key_b(server: RunningServer, tag: int, offset: int) -> None:
@@ -230,13 +228,7 @@ def test_two_keys_writing_at_once_on_one_slot(start_server: StartServer) -> None
 
         return work
 
-    pool = ThreadPoolExecutor(2)
-    try:
-        running = [pool.submit(writer(*w)) for w in (("slots-a", 0), ("slots-b", 32))]
-        for future in running:
-            future.result(timeout=120)  # a hang fails here rather than hanging the test
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    within(120, writer("slots-a", 0), writer("slots-b", 32))
     with handle(server.uri("slots-a")) as ha, handle(server.uri("slots-b")) as hb:
         for i in range(writes):
             assert ha.pread(MiB, i * MiB) == pattern(i, MiB)

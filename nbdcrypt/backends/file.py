@@ -7,7 +7,8 @@ connection thread, which lets go of the server lock for each system call
 disk (fdatasync, FUA writes) or may take long (writing zeroes over a wide range) runs inline on
 a connection thread and in the loop's default executor on the loop thread, so one client's
 flush never stalls another client's reads. A connection thread splices large plain writes
-from its socket straight to the file (`splice_target`, server/splice.py): no pwrite here.
+from its socket straight to the file (`splice_target`, server/splice.py), and writes a sealed
+write's ciphertext itself (`file_target`, `pwrite_all`): neither goes through write() here.
 """
 
 from __future__ import annotations
@@ -101,20 +102,11 @@ class FileDevice(Device):
             self._write_all(data, req.offset, False)
 
     def _write_all(self, data: bytes | bytearray | memoryview, offset: int, sync: bool) -> None:
-        flags = os.RWF_DSYNC if sync else 0
-        while True:
-            size = len(data)
-            with unlocked(None if sync else size):  # a synchronous write waits for the disk
-                done = os.pwritev(self.fd, (data,), offset, flags)
-            if done == size:
-                return
-            data, offset = memoryview(data)[done:], offset + done  # short: the rest
+        with unlocked(None if sync else len(data)):  # a synchronous write waits for the disk
+            pwrite_all(self.fd, data, offset, os.RWF_DSYNC if sync else 0)
 
     def file_target(self, offset: int, length: int) -> tuple[int, int] | None:
         return self.fd, offset
-
-    def splice_target(self, offset: int, length: int) -> tuple[int, int] | None:
-        return (self.fd, offset) if self.splices else None
 
     async def flush(self) -> None:
         await self._run(self._fdatasync)
@@ -177,6 +169,20 @@ class FileDevice(Device):
             return
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, func, *args)
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int, flags: int = 0) -> None:
+    """Write all of `data` to `fd` at `offset`; a short write goes on where it stopped. (Also
+    for a connection thread that writes a sealed write's ciphertext itself.)"""
+    size, view, done = len(data), data, 0
+    while True:
+        n = os.pwritev(fd, (view,), offset + done, flags)
+        done += n
+        if done >= size:
+            return
+        if not n:
+            raise OSError(errno.EIO, "pwrite wrote nothing")
+        view = memoryview(data)[done:]
 
 
 def takes_splice(fd: int) -> bool:

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
-import os
 import socket
 import threading
 import time
@@ -34,6 +32,7 @@ from collections.abc import Iterable, Sequence
 from socket import MSG_WAITALL
 from typing import TYPE_CHECKING, Any
 
+from nbdcrypt.backends.file import pwrite_all
 from nbdcrypt.server.lockedloop import LockedLoop, become_connection_thread
 from nbdcrypt.server.poll import SocketPoller, available
 from nbdcrypt.server.splice import PayloadSplicer, SpliceTarget
@@ -323,7 +322,7 @@ class ThreadTransport(asyncio.Transport):
         try:
             try:
                 sealing.encrypt(buf)
-                _pwrite_all(target.fd, buf, target.offset)
+                pwrite_all(target.fd, buf, target.offset)
             except OSError as exc:
                 failed = exc  # the client gets it; the payload was taken whole
             else:
@@ -477,16 +476,6 @@ class ThreadTransport(asyncio.Transport):
             self._drain()
         except OSError as exc:
             log.debug("connection: reply send failed: %s", exc)
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    """Write all of `data` to `fd` at `offset` (a short write goes on where it stopped)."""
-    done = os.pwrite(fd, data, offset)
-    while done < len(data):
-        n = os.pwrite(fd, data[done:], offset + done)
-        if not n:
-            raise OSError(errno.EIO, "pwrite wrote nothing")
-        done += n
 
 
 def _send_all(sock: socket.socket, out: Sequence[bytes | bytearray | memoryview]) -> int:
