@@ -19,6 +19,7 @@ from nbdcrypt.request import Extent, Request
 
 if TYPE_CHECKING:
     from nbdcrypt.blkcrypto.key import CryptoKey
+    from nbdcrypt.crypto.libcrypto import InPlace
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +40,7 @@ class Sealing(NamedTuple):
     """How one sealed write is encrypted (in place, with no server lock held), and what gives
     back what it holds (a keyslot): `done()` is called once, whatever became of the write."""
 
-    encrypt: Callable[[bytearray | memoryview], None]
+    encrypt: InPlace
     done: Callable[[], None]
 
 

@@ -20,4 +20,18 @@ def xts(
     unit_size: int,
     /,
 ) -> None: ...
+def seal(
+    xts: bool,
+    a: int,
+    b: int,
+    c: int,
+    buf: bytearray | memoryview,
+    ivs: bytes,
+    unit_size: int,
+    fd: int,
+    offset: int,
+    sock: int,
+    reply: bytes,
+    /,
+) -> int: ...
 def ivs(first_lo: int, first_hi: int, step: int, bits: int, count: int, /) -> bytes: ...

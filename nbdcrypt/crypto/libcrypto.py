@@ -30,9 +30,11 @@ from nbdcrypt.threadrole import unlocked
 
 try:
     from nbdcrypt.crypto._units import run as _c_loop
+    from nbdcrypt.crypto._units import seal as _c_seal
     from nbdcrypt.crypto._units import xts as _c_xts
 except ImportError:  # installed without a compiler: UnitEngine's Python loop
     _c_loop = None  # type: ignore[assignment]
+    _c_seal = None  # type: ignore[assignment]
     _c_xts = None  # type: ignore[assignment]
 
 _VP = ctypes.c_void_p
@@ -108,7 +110,38 @@ def _c_direct(function: Callable[..., None], *args: object) -> None:
         raise
 
 
-InPlace = Callable[[bytearray | memoryview], None]  # one prepared request over a buffer, in place
+class InPlace:
+    """One request prepared whole (its IV blocks given now) to run later in place over its
+    buffer, holding no server lock: `xts` says which C call (_units.c xts() or run()), `args`
+    its libcrypto addresses. It keeps the contexts it uses: were the engine dropped meanwhile
+    (a key evicted from a keyslot-less engine), they must outlive the C call."""
+
+    __slots__ = ("_args", "_ivs", "_keep", "_unit_size", "_xts")
+
+    def __init__(
+        self, xts: bool, args: tuple[int, int, int], keep: object, ivs: bytes, unit_size: int
+    ) -> None:
+        self._xts, self._args, self._keep = xts, args, keep
+        self._ivs, self._unit_size = ivs, unit_size
+
+    def __call__(self, buffer: bytearray | memoryview) -> None:
+        """Encrypt (or decrypt) `buffer` in place."""
+        function = _c_xts if self._xts else _c_loop
+        _c_direct(function, *self._args, buffer, buffer, self._ivs, self._unit_size)
+
+    def seal(
+        self, buffer: bytearray | memoryview, fd: int, offset: int, sock: int, reply: bytes
+    ) -> int:
+        """Encrypt `buffer` in place, write it whole to `fd` at `offset` and, if `sock` is not
+        -1, send `reply` on it: one C call (_units.c seal()). 0: done; E > 0: the write failed
+        with errno E and nothing was sent; -E: it landed but the send failed with errno E."""
+        try:
+            return _c_seal(
+                self._xts, *self._args, buffer, self._ivs, self._unit_size, fd, offset, sock, reply
+            )
+        except OSError:
+            _lib.ERR_clear_error()
+            raise
 
 
 def address(buffer: Buffer | U64) -> tuple[int, object]:
@@ -218,19 +251,12 @@ class UnitEngine:
 
     def in_place(self, ivs: bytes, unit_size: int, *, encrypt: bool) -> InPlace | None:
         """One request prepared whole (its IV blocks given now) for a caller that runs it
-        later holding no server lock, over a buffer in place; None without the C loop. The
-        call holds this thread's context itself: were the engine dropped meanwhile (a key
-        evicted from a keyslot-less engine), the context must outlive the C call."""
+        later holding no server lock, over a buffer in place; None without the C loop."""
         if self._native is None or _c_loop is None:
             return None
         init, update = self._native
         context = self._context(encrypt)
-        loop = _c_loop
-
-        def run(buffer: bytearray | memoryview) -> None:
-            _c_direct(loop, init, update, context.ptr or 0, buffer, buffer, ivs, unit_size)
-
-        return run
+        return InPlace(False, (init, update, context.ptr or 0), context, ivs, unit_size)
 
 
 class XtsEngine:
@@ -284,9 +310,5 @@ class XtsEngine:
         """One request prepared whole, as UnitEngine.in_place (its contexts held by the call)."""
         tweak, enc, dec = self._contexts()
         data = enc if encrypt else dec
-        update, xts = self._update, _c_xts
-
-        def run(buffer: bytearray | memoryview) -> None:
-            _c_direct(xts, update, tweak.ptr or 0, data.ptr or 0, buffer, buffer, ivs, unit_size)
-
-        return run
+        args = (self._update, tweak.ptr or 0, data.ptr or 0)
+        return InPlace(True, args, (tweak, data), ivs, unit_size)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import threading
 import time
@@ -32,12 +33,12 @@ from collections.abc import Iterable, Sequence
 from socket import MSG_WAITALL
 from typing import TYPE_CHECKING, Any
 
-from nbdcrypt.backends.file import pwrite_all
 from nbdcrypt.server.lockedloop import LockedLoop, become_connection_thread
 from nbdcrypt.server.poll import SocketPoller, available
 from nbdcrypt.server.splice import PayloadSplicer, SpliceTarget
 
 if TYPE_CHECKING:
+    from nbdcrypt.crypto.libcrypto import InPlace
     from nbdcrypt.server.connection import Connection
 
 log = logging.getLogger("nbdcrypt.connection")
@@ -321,12 +322,9 @@ class ThreadTransport(asyncio.Transport):
         lock.release()
         try:
             try:
-                sealing.encrypt(buf)
-                pwrite_all(target.fd, buf, target.offset)
+                failed, broke = self._land(sealing.encrypt, buf, target)
             except OSError as exc:
-                failed = exc  # the client gets it; the payload was taken whole
-            else:
-                broke = self._reply(target.reply)
+                failed = exc  # the cipher failed: the client gets EIO
         finally:
             lock.acquire()
             sealing.done()
@@ -334,6 +332,26 @@ class ThreadTransport(asyncio.Transport):
         if broke is not None:
             raise broke
         return True
+
+    def _land(
+        self, encrypt: InPlace, buf: memoryview, target: SpliceTarget
+    ) -> tuple[OSError | None, OSError | None]:
+        """With no lock held: encrypt a sealed write's payload in place, write it to its file
+        and send its reply, in one C call where the send lock is free (else the reply goes
+        after, under it). (The file's error, for the client; the socket's error.)"""
+        sending = self._send_lock.acquire(blocking=False)
+        try:
+            code = encrypt.seal(
+                buf, target.fd, target.offset, self._fileno if sending else -1, target.reply
+            )
+        finally:
+            if sending:
+                self._send_lock.release()
+        if code > 0:
+            return OSError(code, os.strerror(code)), None
+        if code < 0:
+            return None, OSError(-code, os.strerror(-code))
+        return None, None if sending else self._reply(target.reply)
 
     def _recv_whole(self, buf: memoryview, length: int) -> int:
         """Receive `length` bytes into `buf`: that many, or fewer if the client closed."""
