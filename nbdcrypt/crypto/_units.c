@@ -4,13 +4,14 @@
  *        unit the IV is reset and the unit runs through the context, exactly what the Python
  *        loop does, but ~0.1 us a unit instead of ~3 us of Python and ctypes.
  * xts(): AES-XTS from two ECB contexts, for small units (libcrypto.XtsEngine).
- * seal(): a sealed write's tail (server/threaded.py): run() or xts() in place, the pwrite of
- *         the ciphertext and the send of its reply, the GIL let go once instead of three times.
+ * stream(): a sealed write's payload received and encrypted as it arrives (server/threaded.py).
+ * seal(): a sealed write's tail: run() or xts() in place, the pwrite of the ciphertext and
+ *         the send of its reply, the GIL let go once instead of three times.
  * ivs(): a request's IV blocks.
  *
  * Python gives the addresses of libcrypto's EVP_CipherInit_ex and EVP_CipherUpdate (found by
  * ctypes) and of keyed EVP_CIPHER_CTXs, so this module needs only Python.h to build and links
- * against nothing (seal() adds only libc's pwrite and send). The event loop or another thread
+ * against nothing (stream() and seal() add only libc's recv, poll, pwrite and send). The event loop or another thread
  * runs while the cipher works.
  */
 #define PY_SSIZE_T_CLEAN
@@ -18,6 +19,7 @@
 #include <stdint.h>
 #include <errno.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -277,41 +279,126 @@ static PyObject *units_xts(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* seal(xts, a, b, c, buf, ivs, unit_size, fd, offset, sock, reply) -> int
- * A sealed write's whole tail in one call, the GIL let go once: buf encrypted in place (xts
- * false: run()'s loop with init a, update b, context c; true: xts() with update a, tweak
- * context b, data context c), written whole to fd at offset, then, if sock >= 0, `reply`
- * sent on it. 0: all done; E > 0: the write failed with errno E (nothing sent); -E: the
- * write landed but sending failed with errno E. OSError(EIO) if the cipher failed. */
-static PyObject *units_seal(PyObject *self, PyObject *args) {
-    int xts, fd, sock;
+/* A prepared request's cipher call over units [first, first + units) of p, in place. */
+typedef struct {
+    int xts;
     unsigned long long a, b, c;
-    long long offset;
-    Py_buffer buf, ivs, reply;
+    const unsigned char *ivs;
     Py_ssize_t unit_size;
-    if (!PyArg_ParseTuple(args, "pKKKw*y*niLiy*", &xts, &a, &b, &c, &buf, &ivs, &unit_size, &fd,
-                          &offset, &sock, &reply))
-        return NULL;
-    const char *problem = check_request(&buf, &buf, &ivs, unit_size, xts ? INT_MAX / 2 : INT_MAX, xts);
-    if (problem == NULL && (!a || !b || !c))
+} prepared;
+
+static int run_prepared(const prepared *r, unsigned char *p, Py_ssize_t first, Py_ssize_t units) {
+    unsigned char *at = p + first * r->unit_size;
+    const unsigned char *iv = r->ivs + first * IV_BLOCK;
+    if (r->xts)
+        return xts_units((cipher_update_fn)(uintptr_t)r->a, (void *)(uintptr_t)r->b,
+                         (void *)(uintptr_t)r->c, at, at, iv, units, r->unit_size);
+    return loop_units((cipher_init_fn)(uintptr_t)r->a, (cipher_update_fn)(uintptr_t)r->b,
+                      (void *)(uintptr_t)r->c, at, at, iv, units, r->unit_size);
+}
+
+/* What is wrong with a prepared request over buf (NULL: nothing); sets r->ivs. */
+static const char *check_prepared(prepared *r, const Py_buffer *buf, const Py_buffer *ivs) {
+    const char *problem =
+        check_request(buf, buf, ivs, r->unit_size, r->xts ? INT_MAX / 2 : INT_MAX, r->xts);
+    if (problem == NULL && (!r->a || !r->b || !r->c))
         problem = "null libcrypto function or context";
-    if (problem == NULL && offset < 0)
-        problem = "negative offset";
+    r->ivs = ivs->buf;
+    return problem;
+}
+
+/* stream(xts, a, b, c, buf, ivs, unit_size, sock, stall_ms) -> (got, code)
+ * Receive a write payload into buf from the socket `sock`, encrypting its whole units in
+ * place as they arrive (xts and a, b, c: as seal()), so the cipher runs while the client
+ * refills the socket, whose buffer holds less than one large payload. Never blocks longer
+ * than stall_ms for the next bytes. code 0: all received and encrypted; 1: the client
+ * stalled (got bytes in, got // unit_size whole units of them encrypted); 2: the client
+ * closed; 3: the cipher failed (got bytes in, what is encrypted unknown); -E: the socket
+ * failed with errno E. */
+static PyObject *units_stream(PyObject *self, PyObject *args) {
+    prepared r;
+    Py_buffer buf, ivs, none = {0};
+    int sock, stall_ms;
+    if (!PyArg_ParseTuple(args, "pKKKw*y*nii", &r.xts, &r.a, &r.b, &r.c, &buf, &ivs,
+                          &r.unit_size, &sock, &stall_ms))
+        return NULL;
+    const char *problem = check_prepared(&r, &buf, &ivs);
+    if (problem != NULL) {
+        release(&buf, &ivs, &none);
+        PyErr_SetString(PyExc_ValueError, problem);
+        return NULL;
+    }
+    unsigned char *p = buf.buf;
+    Py_ssize_t len = buf.len, got = 0, done = 0;
+    int code = 0;
+    Py_BEGIN_ALLOW_THREADS;
+    while (done < len) {
+        if (got < len) { /* first take what is there: the client writes on meanwhile */
+            ssize_t n = recv(sock, p + got, (size_t)(len - got), MSG_DONTWAIT);
+            if (n > 0)
+                got += n;
+            else if (n == 0) {
+                code = 2;
+                break;
+            } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+                code = -errno;
+                break;
+            }
+        }
+        Py_ssize_t ready = got / r.unit_size;
+        if (ready > done / r.unit_size) {
+            if (run_prepared(&r, p, done / r.unit_size, ready - done / r.unit_size)) {
+                code = 3;
+                break;
+            }
+            done = ready * r.unit_size;
+            continue;
+        }
+        struct pollfd wait = {.fd = sock, .events = POLLIN};
+        int n = poll(&wait, 1, stall_ms);
+        if (n == 0) {
+            code = 1;
+            break;
+        }
+        if (n < 0 && errno != EINTR) {
+            code = -errno;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS;
+    release(&buf, &ivs, &none);
+    return Py_BuildValue("(ni)", got, code);
+}
+
+/* seal(xts, a, b, c, buf, ivs, unit_size, skip, fd, offset, sock, reply) -> int
+ * A sealed write's whole tail in one call, the GIL let go once: buf encrypted in place past
+ * its first `skip` bytes (stream() did those; xts false: run()'s loop with init a, update b,
+ * context c; true: xts() with update a, tweak context b, data context c), written whole to
+ * fd at offset, then, if sock >= 0, `reply` sent on it. 0: all done; E > 0: the write failed
+ * with errno E (nothing sent); -E: the write landed but sending failed with errno E.
+ * OSError(EIO) if the cipher failed. */
+static PyObject *units_seal(PyObject *self, PyObject *args) {
+    prepared r;
+    Py_buffer buf, ivs, reply;
+    Py_ssize_t skip;
+    int fd, sock;
+    long long offset;
+    if (!PyArg_ParseTuple(args, "pKKKw*y*nniLiy*", &r.xts, &r.a, &r.b, &r.c, &buf, &ivs,
+                          &r.unit_size, &skip, &fd, &offset, &sock, &reply))
+        return NULL;
+    const char *problem = check_prepared(&r, &buf, &ivs);
+    if (problem == NULL && (offset < 0 || skip < 0 || skip > buf.len || skip % r.unit_size))
+        problem = "bad offset or skip";
     if (problem != NULL) {
         release(&buf, &ivs, &reply);
         PyErr_SetString(PyExc_ValueError, problem);
         return NULL;
     }
     unsigned char *p = buf.buf;
-    Py_ssize_t len = buf.len, units = len / unit_size;
+    Py_ssize_t len = buf.len;
     int failed, result = 0;
     Py_BEGIN_ALLOW_THREADS;
-    if (xts)
-        failed = xts_units((cipher_update_fn)(uintptr_t)a, (void *)(uintptr_t)b,
-                           (void *)(uintptr_t)c, p, p, ivs.buf, units, unit_size);
-    else
-        failed = loop_units((cipher_init_fn)(uintptr_t)a, (cipher_update_fn)(uintptr_t)b,
-                            (void *)(uintptr_t)c, p, p, ivs.buf, units, unit_size);
+    failed = run_prepared(&r, p, skip / r.unit_size, (len - skip) / r.unit_size);
     for (Py_ssize_t done = 0; !failed && done < len;) {
         ssize_t n = pwrite(fd, p + done, (size_t)(len - done), (off_t)(offset + done));
         if (n > 0)
@@ -323,9 +410,9 @@ static PyObject *units_seal(PyObject *self, PyObject *args) {
         if (result)
             break;
     }
-    const char *r = reply.buf;
+    const char *out = reply.buf;
     for (Py_ssize_t sent = 0; !failed && !result && sock >= 0 && sent < reply.len;) {
-        ssize_t n = send(sock, r + sent, (size_t)(reply.len - sent), MSG_NOSIGNAL);
+        ssize_t n = send(sock, out + sent, (size_t)(reply.len - sent), MSG_NOSIGNAL);
         if (n >= 0)
             sent += n;
         else if (errno != EINTR)
@@ -375,9 +462,12 @@ static PyMethodDef units_methods[] = {
     {"xts", units_xts, METH_VARARGS,
      "xts(update, tweak_ctx, data_ctx, src, dst, ivs, unit_size): AES-XTS of whole data units "
      "from two keyed ECB contexts, without the GIL."},
+    {"stream", units_stream, METH_VARARGS,
+     "stream(xts, a, b, c, buf, ivs, unit_size, sock, stall_ms) -> (got, code): a write payload "
+     "received and encrypted in place as it arrives, without the GIL."},
     {"seal", units_seal, METH_VARARGS,
-     "seal(xts, a, b, c, buf, ivs, unit_size, fd, offset, sock, reply) -> int: a sealed write "
-     "encrypted in place, written to its file and its reply sent, without the GIL."},
+     "seal(xts, a, b, c, buf, ivs, unit_size, skip, fd, offset, sock, reply) -> int: a sealed "
+     "write encrypted in place, written to its file and its reply sent, without the GIL."},
     {"ivs", units_ivs, METH_VARARGS,
      "ivs(first_lo, first_hi, step, bits, count) -> bytes: little-endian IV blocks."},
     {NULL, NULL, 0, NULL},

@@ -28,10 +28,23 @@ def seal(
     buf: bytearray | memoryview,
     ivs: bytes,
     unit_size: int,
+    skip: int,
     fd: int,
     offset: int,
     sock: int,
     reply: bytes,
     /,
 ) -> int: ...
+def stream(
+    xts: bool,
+    a: int,
+    b: int,
+    c: int,
+    buf: bytearray | memoryview,
+    ivs: bytes,
+    unit_size: int,
+    sock: int,
+    stall_ms: int,
+    /,
+) -> tuple[int, int]: ...
 def ivs(first_lo: int, first_hi: int, step: int, bits: int, count: int, /) -> bytes: ...

@@ -31,10 +31,12 @@ from nbdcrypt.threadrole import unlocked
 try:
     from nbdcrypt.crypto._units import run as _c_loop
     from nbdcrypt.crypto._units import seal as _c_seal
+    from nbdcrypt.crypto._units import stream as _c_stream
     from nbdcrypt.crypto._units import xts as _c_xts
 except ImportError:  # installed without a compiler: UnitEngine's Python loop
     _c_loop = None  # type: ignore[assignment]
     _c_seal = None  # type: ignore[assignment]
+    _c_stream = None  # type: ignore[assignment]
     _c_xts = None  # type: ignore[assignment]
 
 _VP = ctypes.c_void_p
@@ -113,31 +115,78 @@ def _c_direct(function: Callable[..., None], *args: object) -> None:
 class InPlace:
     """One request prepared whole (its IV blocks given now) to run later in place over its
     buffer, holding no server lock: `xts` says which C call (_units.c xts() or run()), `args`
-    its libcrypto addresses. It keeps the contexts it uses: were the engine dropped meanwhile
-    (a key evicted from a keyslot-less engine), they must outlive the C call."""
+    its libcrypto addresses, `undo` those of the other direction. It keeps the contexts it
+    uses: were the engine dropped meanwhile (a key evicted from a keyslot-less engine), they
+    must outlive the C call."""
 
-    __slots__ = ("_args", "_ivs", "_keep", "_unit_size", "_xts")
+    __slots__ = ("_args", "_ivs", "_keep", "_undo", "_unit_size", "_xts")
 
     def __init__(
-        self, xts: bool, args: tuple[int, int, int], keep: object, ivs: bytes, unit_size: int
+        self,
+        xts: bool,
+        args: tuple[int, int, int],
+        undo: tuple[int, int, int],
+        *,
+        keep: object,
+        ivs: bytes,
+        unit_size: int,
     ) -> None:
-        self._xts, self._args, self._keep = xts, args, keep
+        self._xts, self._args, self._undo, self._keep = xts, args, undo, keep
         self._ivs, self._unit_size = ivs, unit_size
 
     def __call__(self, buffer: bytearray | memoryview) -> None:
-        """Encrypt (or decrypt) `buffer` in place."""
+        """Run the request over `buffer` in place."""
         function = _c_xts if self._xts else _c_loop
         _c_direct(function, *self._args, buffer, buffer, self._ivs, self._unit_size)
 
+    def undo(self, buffer: bytearray | memoryview) -> None:
+        """Take back what the request did to `buffer`, a whole number of its first units."""
+        function = _c_xts if self._xts else _c_loop
+        _c_direct(function, *self._undo, buffer, buffer, self._ivs, self._unit_size)
+
+    def stream(self, buffer: bytearray | memoryview, sock: int, stall_ms: int) -> tuple[int, int]:
+        """Receive `buffer` whole from `sock`, running the request over its units as they
+        arrive (_units.c stream()): (bytes received, code). Code 0: all in and done; 1: the
+        sender was silent for stall_ms, and what was done to the bytes received is taken
+        back (they are as sent); 2: it closed; 3: the cipher failed; -errno: the socket's."""
+        got, code = _c_stream(
+            self._xts, *self._args, buffer, self._ivs, self._unit_size, sock, stall_ms
+        )
+        if code == 1:
+            try:
+                self.undo(memoryview(buffer)[: got - got % self._unit_size])
+            except OSError:
+                code = 3
+        if code == 3:
+            _lib.ERR_clear_error()
+        return got, code
+
     def seal(
-        self, buffer: bytearray | memoryview, fd: int, offset: int, sock: int, reply: bytes
+        self,
+        buffer: bytearray | memoryview,
+        skip: int,
+        *,
+        fd: int,
+        offset: int,
+        sock: int,
+        reply: bytes,
     ) -> int:
-        """Encrypt `buffer` in place, write it whole to `fd` at `offset` and, if `sock` is not
-        -1, send `reply` on it: one C call (_units.c seal()). 0: done; E > 0: the write failed
-        with errno E and nothing was sent; -E: it landed but the send failed with errno E."""
+        """Run the request over `buffer` past its first `skip` bytes (stream() did those),
+        write it whole to `fd` at `offset` and, if `sock` is not -1, send `reply` on it: one C
+        call (_units.c seal()). 0: done; E > 0: the write failed with errno E and nothing was
+        sent; -E: it landed but the send failed with errno E."""
         try:
             return _c_seal(
-                self._xts, *self._args, buffer, self._ivs, self._unit_size, fd, offset, sock, reply
+                self._xts,
+                *self._args,
+                buffer,
+                self._ivs,
+                self._unit_size,
+                skip,
+                fd,
+                offset,
+                sock,
+                reply,
             )
         except OSError:
             _lib.ERR_clear_error()
@@ -255,8 +304,9 @@ class UnitEngine:
         if self._native is None or _c_loop is None:
             return None
         init, update = self._native
-        context = self._context(encrypt)
-        return InPlace(False, (init, update, context.ptr or 0), context, ivs, unit_size)
+        context, other = self._context(encrypt), self._context(not encrypt)
+        args, undo = (init, update, context.ptr or 0), (init, update, other.ptr or 0)
+        return InPlace(False, args, undo, keep=(context, other), ivs=ivs, unit_size=unit_size)
 
 
 class XtsEngine:
@@ -309,6 +359,7 @@ class XtsEngine:
     def in_place(self, ivs: bytes, unit_size: int, *, encrypt: bool) -> InPlace:
         """One request prepared whole, as UnitEngine.in_place (its contexts held by the call)."""
         tweak, enc, dec = self._contexts()
-        data = enc if encrypt else dec
+        data, other = (enc, dec) if encrypt else (dec, enc)
         args = (self._update, tweak.ptr or 0, data.ptr or 0)
-        return InPlace(True, args, (tweak, data), ivs, unit_size)
+        undo = (self._update, tweak.ptr or 0, other.ptr or 0)
+        return InPlace(True, args, undo, keep=(tweak, enc, dec), ivs=ivs, unit_size=unit_size)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -38,13 +39,14 @@ from nbdcrypt.server.poll import SocketPoller, available
 from nbdcrypt.server.splice import PayloadSplicer, SpliceTarget
 
 if TYPE_CHECKING:
-    from nbdcrypt.crypto.libcrypto import InPlace
+    from nbdcrypt.device import Sealing
     from nbdcrypt.server.connection import Connection
 
 log = logging.getLogger("nbdcrypt.connection")
 
 Buffer = bytes | bytearray | memoryview
 
+STALL_MS = 10  # a sealed write's client silent this long inside its payload holds no keyslot
 _MAX_IOV = 1024  # buffers per sendmsg (IOV_MAX)
 
 
@@ -294,70 +296,107 @@ class ThreadTransport(asyncio.Transport):
         return length, failed, time.monotonic_ns() - began
 
     def _seal(self, protocol: Connection, target: SpliceTarget, out: Sequence[Buffer]) -> bool:
-        """Land a sealed write, the server lock held but let go for the socket and the cipher:
-        send `out`, receive the payload into its buffer; then, holding what begin() takes (a
-        keyslot), encrypt it in place, write it to its file, send its reply; then give that
-        back and count the write. A write begin() refuses takes the ordinary path, payload
-        received. False if the client closed inside the payload."""
+        """Land a sealed write, the server lock held but let go for the socket and the cipher.
+        Nothing queued to send: begin() takes what the write needs (a keyslot) and the payload
+        is encrypted as it arrives (_stream). Else, or if the client stalls inside it: send
+        `out`, receive the rest; then begin(), encrypt it in place. Either way then write it
+        to its file and send its reply, give back what begin() took, count the write. A write
+        begin() refuses takes the ordinary path, payload received. False if the client closed
+        inside the payload."""
         buf, begin = target.buffer, target.begin
         assert buf is not None and begin is not None
         length, lock = target.length, self._lock
         began = time.monotonic_ns()
+        got, code = 0, 1
+        sealing = None if out else begin()
+        if sealing is not None:
+            got, code = self._stream(sealing, buf)
+            if code == 0:
+                return self._land(protocol, target, sealing, length, began)
+            if code == 2:
+                return False
+            if code < 0:
+                raise OSError(-code, os.strerror(-code))
         lock.release()
         try:
             if out:
                 self._send(out)
-            got = self._recv_whole(buf, length)
+            got = self._recv_whole(buf, length, got)
         finally:
             lock.acquire()
         if out:
             self._room()
         if got < length:
             return False
+        if code == 3:  # the payload is taken whole; the client gets the cipher's EIO
+            failed = OSError(errno.EIO, "libcrypto: the cipher failed")
+            protocol.payload_spliced(True, failed, time.monotonic_ns() - began)
+            return True
         sealing = begin()
         if sealing is None:
             protocol.payload_arrived(length)
             return True
-        failed = broke = None
+        return self._land(protocol, target, sealing, 0, began)
+
+    def _stream(self, sealing: Sealing, buf: memoryview) -> tuple[int, int]:
+        """Receive a sealed write's payload, encrypting it as it arrives, with no lock held
+        (InPlace.stream): (bytes received, its code). Unless all went well (code 0) what
+        begin() took is given back at once: a client that stalls inside a payload for
+        STALL_MS holds no keyslot while it stalls (what was encrypted is decrypted back,
+        with the slot still held, and the rest is received the ordinary way)."""
+        lock, got, code = self._lock, 0, 3
         lock.release()
         try:
-            try:
-                failed, broke = self._land(sealing.encrypt, buf, target)
-            except OSError as exc:
-                failed = exc  # the cipher failed: the client gets EIO
+            got, code = sealing.encrypt.stream(buf, self._fileno, STALL_MS)
         finally:
             lock.acquire()
+            if code:
+                sealing.done()
+        return got, code
+
+    def _land(
+        self, protocol: Connection, target: SpliceTarget, sealing: Sealing, skip: int, began: int
+    ) -> bool:
+        """A sealed write's payload in (its first `skip` bytes encrypted): with no lock held,
+        encrypt the rest, write it to its file and send its reply, in one C call where the
+        send lock is free (else the reply goes after, under it); then give back what begin()
+        took and count the write."""
+        buf = target.buffer
+        assert buf is not None
+        failed = broke = None
+        self._lock.release()
+        try:
+            sending = self._send_lock.acquire(blocking=False)
+            try:
+                sock = self._fileno if sending else -1
+                code = sealing.encrypt.seal(
+                    buf, skip, fd=target.fd, offset=target.offset, sock=sock, reply=target.reply
+                )
+            except OSError as exc:
+                code, failed = 0, exc  # the cipher failed: the client gets EIO
+            finally:
+                if sending:
+                    self._send_lock.release()
+            if code > 0:
+                failed = OSError(code, os.strerror(code))  # the client gets the file's error
+            elif code < 0:
+                broke = OSError(-code, os.strerror(-code))
+            elif not sending and failed is None:
+                broke = self._reply(target.reply)
+        finally:
+            self._lock.acquire()
             sealing.done()
         protocol.payload_spliced(True, failed, time.monotonic_ns() - began)
         if broke is not None:
             raise broke
         return True
 
-    def _land(
-        self, encrypt: InPlace, buf: memoryview, target: SpliceTarget
-    ) -> tuple[OSError | None, OSError | None]:
-        """With no lock held: encrypt a sealed write's payload in place, write it to its file
-        and send its reply, in one C call where the send lock is free (else the reply goes
-        after, under it). (The file's error, for the client; the socket's error.)"""
-        sending = self._send_lock.acquire(blocking=False)
-        try:
-            code = encrypt.seal(
-                buf, target.fd, target.offset, self._fileno if sending else -1, target.reply
-            )
-        finally:
-            if sending:
-                self._send_lock.release()
-        if code > 0:
-            return OSError(code, os.strerror(code)), None
-        if code < 0:
-            return None, OSError(-code, os.strerror(-code))
-        return None, None if sending else self._reply(target.reply)
-
-    def _recv_whole(self, buf: memoryview, length: int) -> int:
-        """Receive `length` bytes into `buf`: that many, or fewer if the client closed."""
+    def _recv_whole(self, buf: memoryview, length: int, got: int = 0) -> int:
+        """Receive `buf[got:length]`: returns `length`, or less if the client closed."""
         sock = self._sock
-        got = sock.recv_into(buf, length, MSG_WAITALL)
-        while got < length:  # a signal cut the wait short, or the client closed
+        if got < length:
+            got += sock.recv_into(buf[got:], length - got, MSG_WAITALL)
+        while 0 < got < length:  # a signal cut the wait short, or the client closed
             n = sock.recv_into(buf[got:], length - got, MSG_WAITALL)
             if not n:
                 break
