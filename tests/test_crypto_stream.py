@@ -77,7 +77,7 @@ def test_a_payload_encrypted_as_it_arrives_equals_the_reference(
     assert run is not None
     buffer = bytearray(len(case.data))
     with sender(cut(case.data, sizes)) as fd:
-        got, code = run.stream(buffer, fd, 5000)
+        got, code = run.stream(buffer, fd, 5000, 60_000)
     assert (got, code) == (len(case.data), 0)
     assert bytes(buffer) == reference(case)
 
@@ -92,7 +92,7 @@ def test_a_stalled_sender_gets_its_bytes_back_as_sent(unit: int) -> None:
     assert run is not None
     buffer = bytearray(len(data))
     with sender([data[:part], data[part:]], pause=0.5) as fd:
-        got, code = run.stream(buffer, fd, 50)
+        got, code = run.stream(buffer, fd, 50, 60_000)
         assert (got, code) == (part, 1)
         assert bytes(buffer[:got]) == data[:part]
         seal_rest = socket.socket(fileno=os.dup(fd))
@@ -102,12 +102,29 @@ def test_a_stalled_sender_gets_its_bytes_back_as_sent(unit: int) -> None:
     assert bytes(buffer) == reference(Case(bytes(range(64)), data, 3, unit))
 
 
+def test_a_sender_that_trickles_is_cut_off_at_the_deadline() -> None:
+    """Never silent for stall_ms, but the payload not in within within_ms: code 1, as a
+    stall (a tenant that trickles its payload keeps no keyslot from the others)."""
+    data = os.urandom(64 * 4096)
+    run = XtsCipher(bytes(range(64))).in_place(0, 4096, len(data))
+    assert run is not None
+    buffer = bytearray(len(data))
+    with sender(cut(data, [4096] * 64), pause=0.02) as fd:
+        got, code = run.stream(buffer, fd, 1000, 200)
+        assert code == 1
+        assert 0 < got < len(data)  # cut off, not held until the trickle ended (~1.3 s)
+        assert bytes(buffer[:got]) == data[:got]
+        with socket.socket(fileno=os.dup(fd)) as rest:
+            rest.recv_into(memoryview(buffer)[got:], len(data) - got, socket.MSG_WAITALL)
+    assert bytes(buffer) == data
+
+
 def test_a_sender_that_closes_inside_the_payload() -> None:
     run = XtsCipher(bytes(range(64))).in_place(0, 4096, 8 * 4096)
     assert run is not None
     buffer = bytearray(8 * 4096)
     with sender([os.urandom(5000)], close=True) as fd:
-        assert run.stream(buffer, fd, 5000) == (5000, 2)
+        assert run.stream(buffer, fd, 5000, 60_000) == (5000, 2)
 
 
 @pytest.mark.parametrize("unit", [512, 4096])
@@ -131,7 +148,7 @@ def test_the_tail_writes_the_ciphertext_and_sends_the_reply(unit: int, tmp_path:
                 assert first is not None
                 first(memoryview(buffer)[:skip])
             code = run.seal(buffer, skip, fd=fd, offset=unit, sock=near.fileno(), reply=b"done")
-            assert code == 0
+            assert code == (0, 4)
             assert far.recv(16) == b"done"
             assert path.read_bytes()[unit:] == expected
         readonly = os.open(path, os.O_RDONLY)
@@ -141,7 +158,7 @@ def test_the_tail_writes_the_ciphertext_and_sends_the_reply(unit: int, tmp_path:
             code = run.seal(
                 bytearray(data), 0, fd=readonly, offset=0, sock=near.fileno(), reply=b"x"
             )
-            assert code == errno.EBADF
+            assert code == (errno.EBADF, 0)
             far.setblocking(False)
             with pytest.raises(BlockingIOError):
                 far.recv(16)

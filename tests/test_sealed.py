@@ -12,9 +12,11 @@ sealed writes; and what must take the ordinary path does.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -269,9 +271,10 @@ def test_a_sealed_write_the_file_refuses_gets_its_error_and_gives_the_slot_back(
 
 
 def test_a_client_stalled_or_gone_mid_payload_holds_no_keyslot(start_server: StartServer) -> None:
-    """A client sends a 1 MiB write's header and half its payload and stalls: a sealed
-    write takes its keyslot only once the payload is in, so the other key's writes (one
-    slot) go on meanwhile, and after the client is gone."""
+    """A client sends a 1 MiB write's header and half its payload and stalls: the sealed
+    write that took the keyslot as its payload began gives it back once the client has been
+    silent for 10 ms (the bytes are decrypted back and the rest received the ordinary way),
+    so the other key's writes (one slot) go on meanwhile, and after the client is gone."""
     server = start_server(CONFIG)
     with rn.RawNBD.unix(server.socket_path) as c:
         c.start()
@@ -287,6 +290,42 @@ def test_a_client_stalled_or_gone_mid_payload_holds_no_keyslot(start_server: Sta
     assert server.stop() == 0
     (line,) = close_lines(server.log, "slots-a")
     assert "1 requests" in line and sealed(server, "slots-a") == 0, line  # the half one: no
+
+
+def test_a_client_that_reads_no_replies_holds_no_keyslot(start_server: StartServer) -> None:
+    """A client pipelines 64 KiB writes and never reads a reply: once the replies fill its
+    socket, its connection thread waits to send one, and it gives the keyslot back before it
+    waits, so the other key's writes (one slot) go on."""
+    server = start_server(CONFIG)
+    size = 64 * 1024
+    flooder = rn.RawNBD.unix(server.socket_path, timeout=300)
+    flooder.start()
+    flooder.opt_go("slots-a")
+    data = pattern(3, size)
+    sent = [0]
+
+    def flood() -> None:
+        with contextlib.suppress(OSError):  # closed under it at the end
+            # the server's unix send buffer (8 MiB) fills after ~10k replies
+            for i in range(40_000):
+                flooder.request(rn.CMD_WRITE, (i % 512) * size, size, data=data)
+                sent[0] += 1
+
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    try:
+        last, deadline = -1, time.monotonic() + 120
+        while sent[0] != last and time.monotonic() < deadline:  # until the server stops reading
+            last = sent[0]
+            thread.join(1)
+        assert thread.is_alive(), "the server took every write: its replies never filled up"
+        through_key_b(server, 9, 40 * MiB)
+    finally:
+        flooder.sock.shutdown(socket.SHUT_RDWR)  # wakes the flood blocked in its send
+        flooder.close()
+        thread.join(30)
+    assert server.stop() == 0
+    assert sealed(server, "slots-a") > 0
 
 
 # Through a mapped device: dm-crypt's crypt target -------------------------------------------------

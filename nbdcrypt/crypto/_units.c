@@ -21,6 +21,7 @@
 #include <string.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 typedef int (*cipher_init_fn)(void *ctx, const void *cipher, void *engine, const unsigned char *key,
@@ -307,20 +308,27 @@ static const char *check_prepared(prepared *r, const Py_buffer *buf, const Py_bu
     return problem;
 }
 
-/* stream(xts, a, b, c, buf, ivs, unit_size, sock, stall_ms) -> (got, code)
+static long long now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* stream(xts, a, b, c, buf, ivs, unit_size, sock, stall_ms, within_ms) -> (got, code)
  * Receive a write payload into buf from the socket `sock`, encrypting its whole units in
  * place as they arrive (xts and a, b, c: as seal()), so the cipher runs while the client
- * refills the socket, whose buffer holds less than one large payload. Never blocks longer
- * than stall_ms for the next bytes. code 0: all received and encrypted; 1: the client
- * stalled (got bytes in, got // unit_size whole units of them encrypted); 2: the client
- * closed; 3: the cipher failed (got bytes in, what is encrypted unknown); -E: the socket
- * failed with errno E. */
+ * refills the socket, whose buffer holds less than one large payload. Never waits longer
+ * than stall_ms for the next bytes, nor than within_ms in all. code 0: all received and
+ * encrypted; 1: the client stalled or was too slow (got bytes in, got // unit_size whole
+ * units of them encrypted); 2: the client closed; 3: the cipher failed (got bytes in, what
+ * is encrypted unknown); -E: the socket failed with errno E. */
 static PyObject *units_stream(PyObject *self, PyObject *args) {
     prepared r;
     Py_buffer buf, ivs, none = {0};
     int sock, stall_ms;
-    if (!PyArg_ParseTuple(args, "pKKKw*y*nii", &r.xts, &r.a, &r.b, &r.c, &buf, &ivs,
-                          &r.unit_size, &sock, &stall_ms))
+    long long within_ms;
+    if (!PyArg_ParseTuple(args, "pKKKw*y*niiL", &r.xts, &r.a, &r.b, &r.c, &buf, &ivs,
+                          &r.unit_size, &sock, &stall_ms, &within_ms))
         return NULL;
     const char *problem = check_prepared(&r, &buf, &ivs);
     if (problem != NULL) {
@@ -332,6 +340,7 @@ static PyObject *units_stream(PyObject *self, PyObject *args) {
     Py_ssize_t len = buf.len, got = 0, done = 0;
     int code = 0;
     Py_BEGIN_ALLOW_THREADS;
+    long long start = now_ms();
     while (done < len) {
         if (got < len) { /* first take what is there: the client writes on meanwhile */
             ssize_t n = recv(sock, p + got, (size_t)(len - got), MSG_DONTWAIT);
@@ -354,8 +363,9 @@ static PyObject *units_stream(PyObject *self, PyObject *args) {
             done = ready * r.unit_size;
             continue;
         }
+        long long left = within_ms - (now_ms() - start);
         struct pollfd wait = {.fd = sock, .events = POLLIN};
-        int n = poll(&wait, 1, stall_ms);
+        int n = left <= 0 ? 0 : poll(&wait, 1, left < stall_ms ? (int)left : stall_ms);
         if (n == 0) {
             code = 1;
             break;
@@ -374,9 +384,10 @@ static PyObject *units_stream(PyObject *self, PyObject *args) {
  * A sealed write's whole tail in one call, the GIL let go once: buf encrypted in place past
  * its first `skip` bytes (stream() did those; xts false: run()'s loop with init a, update b,
  * context c; true: xts() with update a, tweak context b, data context c), written whole to
- * fd at offset, then, if sock >= 0, `reply` sent on it. 0: all done; E > 0: the write failed
- * with errno E (nothing sent); -E: the write landed but sending failed with errno E.
- * OSError(EIO) if the cipher failed. */
+ * fd at offset, then, if sock >= 0, as much of `reply` sent on it as goes without waiting.
+ * (E, 0): the write failed with errno E, nothing sent; (0, n): it landed and n bytes of the
+ * reply went; (0, -E): it landed but sending failed with errno E. OSError(EIO) if the cipher
+ * failed. */
 static PyObject *units_seal(PyObject *self, PyObject *args) {
     prepared r;
     Py_buffer buf, ivs, reply;
@@ -395,7 +406,7 @@ static PyObject *units_seal(PyObject *self, PyObject *args) {
         return NULL;
     }
     unsigned char *p = buf.buf;
-    Py_ssize_t len = buf.len;
+    Py_ssize_t len = buf.len, sent = 0;
     int failed, result = 0;
     Py_BEGIN_ALLOW_THREADS;
     failed = run_prepared(&r, p, skip / r.unit_size, (len - skip) / r.unit_size);
@@ -411,12 +422,16 @@ static PyObject *units_seal(PyObject *self, PyObject *args) {
             break;
     }
     const char *out = reply.buf;
-    for (Py_ssize_t sent = 0; !failed && !result && sock >= 0 && sent < reply.len;) {
-        ssize_t n = send(sock, out + sent, (size_t)(reply.len - sent), MSG_NOSIGNAL);
-        if (n >= 0)
+    while (!failed && !result && sock >= 0 && sent < reply.len) {
+        ssize_t n = send(sock, out + sent, (size_t)(reply.len - sent), MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n > 0)
             sent += n;
-        else if (errno != EINTR)
-            result = -errno;
+        else if (n == 0 || errno == EAGAIN || errno == EWOULDBLOCK)
+            break; /* the client reads no replies: the caller sends the rest, holding nothing */
+        else if (n < 0 && errno != EINTR) {
+            sent = -errno;
+            break;
+        }
     }
     Py_END_ALLOW_THREADS;
     release(&buf, &ivs, &reply);
@@ -424,7 +439,7 @@ static PyObject *units_seal(PyObject *self, PyObject *args) {
         return PyErr_NoMemory();
     if (failed)
         return cipher_failed();
-    return PyLong_FromLong(result);
+    return Py_BuildValue("(in)", result, sent);
 }
 
 /* ivs(first_lo, first_hi, step, bits, count) -> bytes
@@ -463,10 +478,11 @@ static PyMethodDef units_methods[] = {
      "xts(update, tweak_ctx, data_ctx, src, dst, ivs, unit_size): AES-XTS of whole data units "
      "from two keyed ECB contexts, without the GIL."},
     {"stream", units_stream, METH_VARARGS,
-     "stream(xts, a, b, c, buf, ivs, unit_size, sock, stall_ms) -> (got, code): a write payload "
+     "stream(xts, a, b, c, buf, ivs, unit_size, sock, stall_ms, within_ms) -> (got, code): a "
+     "write payload "
      "received and encrypted in place as it arrives, without the GIL."},
     {"seal", units_seal, METH_VARARGS,
-     "seal(xts, a, b, c, buf, ivs, unit_size, skip, fd, offset, sock, reply) -> int: a sealed "
+     "seal(xts, a, b, c, buf, ivs, unit_size, skip, fd, offset, sock, reply) -> (errno, sent): a sealed "
      "write encrypted in place, written to its file and its reply sent, without the GIL."},
     {"ivs", units_ivs, METH_VARARGS,
      "ivs(first_lo, first_hi, step, bits, count) -> bytes: little-endian IV blocks."},

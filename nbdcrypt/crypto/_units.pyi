@@ -34,7 +34,7 @@ def seal(
     sock: int,
     reply: bytes,
     /,
-) -> int: ...
+) -> tuple[int, int]: ...
 def stream(
     xts: bool,
     a: int,
@@ -45,6 +45,7 @@ def stream(
     unit_size: int,
     sock: int,
     stall_ms: int,
+    within_ms: int,
     /,
 ) -> tuple[int, int]: ...
 def ivs(first_lo: int, first_hi: int, step: int, bits: int, count: int, /) -> bytes: ...

@@ -144,13 +144,17 @@ class InPlace:
         function = _c_xts if self._xts else _c_loop
         _c_direct(function, *self._undo, buffer, buffer, self._ivs, self._unit_size)
 
-    def stream(self, buffer: bytearray | memoryview, sock: int, stall_ms: int) -> tuple[int, int]:
+    def stream(
+        self, buffer: bytearray | memoryview, sock: int, stall_ms: int, within_ms: int
+    ) -> tuple[int, int]:
         """Receive `buffer` whole from `sock`, running the request over its units as they
         arrive (_units.c stream()): (bytes received, code). Code 0: all in and done; 1: the
-        sender was silent for stall_ms, and what was done to the bytes received is taken
-        back (they are as sent); 2: it closed; 3: the cipher failed; -errno: the socket's."""
+        sender was silent for stall_ms, or not done within within_ms, and what was done to
+        the bytes received is taken back (they are as sent); 2: it closed; 3: the cipher
+        failed; -errno: the socket's."""
+        a, b, c = self._args
         got, code = _c_stream(
-            self._xts, *self._args, buffer, self._ivs, self._unit_size, sock, stall_ms
+            self._xts, a, b, c, buffer, self._ivs, self._unit_size, sock, stall_ms, within_ms
         )
         if code == 1:
             try:
@@ -170,11 +174,12 @@ class InPlace:
         offset: int,
         sock: int,
         reply: bytes,
-    ) -> int:
+    ) -> tuple[int, int]:
         """Run the request over `buffer` past its first `skip` bytes (stream() did those),
-        write it whole to `fd` at `offset` and, if `sock` is not -1, send `reply` on it: one C
-        call (_units.c seal()). 0: done; E > 0: the write failed with errno E and nothing was
-        sent; -E: it landed but the send failed with errno E."""
+        write it whole to `fd` at `offset` and, if `sock` is not -1, send as much of `reply`
+        on it as goes without waiting: one C call (_units.c seal()). (E, 0): the write failed
+        with errno E, nothing sent; (0, n): it landed, n bytes of the reply went; (0, -E): it
+        landed but the send failed with errno E."""
         try:
             return _c_seal(
                 self._xts,

@@ -46,7 +46,10 @@ log = logging.getLogger("nbdcrypt.connection")
 
 Buffer = bytes | bytearray | memoryview
 
-STALL_MS = 10  # a sealed write's client silent this long inside its payload holds no keyslot
+# A sealed write holds its keyslot while its payload arrives only while the client sends on:
+# silent this long (ms), or slower than this (bytes per ms), and the slot is given back.
+STALL_MS = 10
+STREAM_FLOOR = 64 * 1024
 _MAX_IOV = 1024  # buffers per sendmsg (IOV_MAX)
 
 
@@ -342,12 +345,14 @@ class ThreadTransport(asyncio.Transport):
         """Receive a sealed write's payload, encrypting it as it arrives, with no lock held
         (InPlace.stream): (bytes received, its code). Unless all went well (code 0) what
         begin() took is given back at once: a client that stalls inside a payload for
-        STALL_MS holds no keyslot while it stalls (what was encrypted is decrypted back,
-        with the slot still held, and the rest is received the ordinary way)."""
+        STALL_MS, or sends it slower than STREAM_FLOOR, holds no keyslot meanwhile (what was
+        encrypted is decrypted back, the slot still held, and the rest is received the
+        ordinary way), so a tenant that trickles its payloads cannot keep a slot from others."""
         lock, got, code = self._lock, 0, 3
         lock.release()
         try:
-            got, code = sealing.encrypt.stream(buf, self._fileno, STALL_MS)
+            within = STALL_MS + len(buf) // STREAM_FLOOR
+            got, code = sealing.encrypt.stream(buf, self._fileno, STALL_MS, within)
         finally:
             lock.acquire()
             if code:
@@ -358,38 +363,57 @@ class ThreadTransport(asyncio.Transport):
         self, protocol: Connection, target: SpliceTarget, sealing: Sealing, skip: int, began: int
     ) -> bool:
         """A sealed write's payload in (its first `skip` bytes encrypted): with no lock held,
-        encrypt the rest, write it to its file and send its reply, in one C call where the
-        send lock is free (else the reply goes after, under it); then give back what begin()
-        took and count the write."""
-        buf = target.buffer
+        encrypt the rest, write it to its file and send what of its reply goes without
+        waiting, in one C call (the send lock taken if free); then give back what begin()
+        took and count the write. What is left of the reply goes after that: a client that
+        reads no replies keeps no keyslot from others."""
+        buf, reply = target.buffer, target.reply
         assert buf is not None
         failed = broke = None
-        self._lock.release()
+        sent, lock = 0, self._lock
+        lock.release()
         try:
             sending = self._send_lock.acquire(blocking=False)
             try:
                 sock = self._fileno if sending else -1
-                code = sealing.encrypt.seal(
-                    buf, skip, fd=target.fd, offset=target.offset, sock=sock, reply=target.reply
+                code, sent = sealing.encrypt.seal(
+                    buf, skip, fd=target.fd, offset=target.offset, sock=sock, reply=reply
                 )
             except OSError as exc:
                 code, failed = 0, exc  # the cipher failed: the client gets EIO
-            finally:
-                if sending:
-                    self._send_lock.release()
-            if code > 0:
+            if code:
                 failed = OSError(code, os.strerror(code))  # the client gets the file's error
-            elif code < 0:
-                broke = OSError(-code, os.strerror(-code))
-            elif not sending and failed is None:
-                broke = self._reply(target.reply)
+            elif sent < 0:
+                broke = OSError(-sent, os.strerror(-sent))
+            if sending and (failed or broke or sent == len(reply)):
+                sending = False
+                self._send_lock.release()
         finally:
-            self._lock.acquire()
+            lock.acquire()  # (after the send lock, as _drain takes them)
             sealing.done()
         protocol.payload_spliced(True, failed, time.monotonic_ns() - began)
+        if failed is None and broke is None and sent < len(reply):
+            broke = self._reply_rest(reply, sent, sending)
         if broke is not None:
             raise broke
         return True
+
+    def _reply_rest(self, reply: bytes, sent: int, holding: bool) -> OSError | None:
+        """The rest of a sealed write's reply from `sent` on, the server lock let go: under
+        the send lock this thread holds (`holding`, let go after) or takes."""
+        self._lock.release()
+        try:
+            if not holding:
+                return self._reply(reply)
+            try:
+                _send_all(self._sock, (memoryview(reply)[sent:],))
+            finally:
+                self._send_lock.release()
+        except OSError as exc:
+            return exc
+        finally:
+            self._lock.acquire()
+        return None
 
     def _recv_whole(self, buf: memoryview, length: int, got: int = 0) -> int:
         """Receive `buf[got:length]`: returns `length`, or less if the client closed."""
