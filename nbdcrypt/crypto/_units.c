@@ -4,14 +4,13 @@
  *        unit the IV is reset and the unit runs through the context, exactly what the Python
  *        loop does, but ~0.1 us a unit instead of ~3 us of Python and ctypes.
  * xts(): AES-XTS from two ECB contexts, for small units (libcrypto.XtsEngine).
- * stream(): a sealed write's payload received and encrypted as it arrives (server/threaded.py).
- * seal(): a sealed write's tail: run() or xts() in place, the pwrite of the ciphertext and
- *         the send of its reply, the GIL let go once instead of three times.
+ * land(): a sealed write (server/threaded.py): its payload received and encrypted in place
+ *         as it arrives, the ciphertext written, the reply sent and the next header read.
  * ivs(): a request's IV blocks.
  *
  * Python gives the addresses of libcrypto's EVP_CipherInit_ex and EVP_CipherUpdate (found by
  * ctypes) and of keyed EVP_CIPHER_CTXs, so this module needs only Python.h to build and links
- * against nothing (stream() and seal() add only libc's recv, poll, pwrite and send). The event loop or another thread
+ * against nothing (land() adds only libc's recv, poll, pwrite and send). The event loop or another thread
  * runs while the cipher works.
  */
 #define PY_SSIZE_T_CLEAN
@@ -314,38 +313,20 @@ static long long now_ms(void) {
     return (long long)t.tv_sec * 1000 + t.tv_nsec / 1000000;
 }
 
-/* stream(xts, a, b, c, buf, ivs, unit_size, sock, stall_ms, within_ms) -> (got, code)
- * Receive a write payload into buf from the socket `sock`, encrypting its whole units in
- * place as they arrive (xts and a, b, c: as seal()), so the cipher runs while the client
- * refills the socket, whose buffer holds less than one large payload. Never waits longer
- * than stall_ms for the next bytes, nor than within_ms in all. code 0: all received and
- * encrypted; 1: the client stalled or was too slow (got bytes in, got // unit_size whole
- * units of them encrypted); 2: the client closed; 3: the cipher failed (got bytes in, what
- * is encrypted unknown); -E: the socket failed with errno E. */
-static PyObject *units_stream(PyObject *self, PyObject *args) {
-    prepared r;
-    Py_buffer buf, ivs, none = {0};
-    int sock, stall_ms;
-    long long within_ms;
-    if (!PyArg_ParseTuple(args, "pKKKw*y*niiL", &r.xts, &r.a, &r.b, &r.c, &buf, &ivs,
-                          &r.unit_size, &sock, &stall_ms, &within_ms))
-        return NULL;
-    const char *problem = check_prepared(&r, &buf, &ivs);
-    if (problem != NULL) {
-        release(&buf, &ivs, &none);
-        PyErr_SetString(PyExc_ValueError, problem);
-        return NULL;
-    }
-    unsigned char *p = buf.buf;
-    Py_ssize_t len = buf.len, got = 0, done = 0;
-    int code = 0;
-    Py_BEGIN_ALLOW_THREADS;
+/* Receive buf[got:] from `sock`, encrypting whole units in place as they arrive (and the
+ * whole units of buf[:got] first): what the socket holds is taken at once (MSG_DONTWAIT) and
+ * poll() waits only when there is nothing to encrypt, at most stall_ms at a time and
+ * within_ms in all. Sets *got; returns a land() code (0, 1, 2, 3 or -errno). */
+static int receive_sealing(const prepared *r, unsigned char *p, Py_ssize_t len, Py_ssize_t *got,
+                           int sock, int stall_ms, long long within_ms) {
+    Py_ssize_t have = *got, done = 0, unit = r->unit_size;
     long long start = now_ms();
+    int code = 0;
     while (done < len) {
-        if (got < len) { /* first take what is there: the client writes on meanwhile */
-            ssize_t n = recv(sock, p + got, (size_t)(len - got), MSG_DONTWAIT);
+        if (have < len) { /* first take what is there: the client writes on meanwhile */
+            ssize_t n = recv(sock, p + have, (size_t)(len - have), MSG_DONTWAIT);
             if (n > 0)
-                got += n;
+                have += n;
             else if (n == 0) {
                 code = 2;
                 break;
@@ -354,13 +335,12 @@ static PyObject *units_stream(PyObject *self, PyObject *args) {
                 break;
             }
         }
-        Py_ssize_t ready = got / r.unit_size;
-        if (ready > done / r.unit_size) {
-            if (run_prepared(&r, p, done / r.unit_size, ready - done / r.unit_size)) {
+        if (have / unit > done / unit) {
+            if (run_prepared(r, p, done / unit, have / unit - done / unit)) {
                 code = 3;
                 break;
             }
-            done = ready * r.unit_size;
+            done = have / unit * unit;
             continue;
         }
         long long left = within_ms - (now_ms() - start);
@@ -375,71 +355,89 @@ static PyObject *units_stream(PyObject *self, PyObject *args) {
             break;
         }
     }
-    Py_END_ALLOW_THREADS;
-    release(&buf, &ivs, &none);
-    return Py_BuildValue("(ni)", got, code);
+    *got = have;
+    return code;
 }
 
-/* seal(xts, a, b, c, buf, ivs, unit_size, skip, fd, offset, sock, reply) -> int
- * A sealed write's whole tail in one call, the GIL let go once: buf encrypted in place past
- * its first `skip` bytes (stream() did those; xts false: run()'s loop with init a, update b,
- * context c; true: xts() with update a, tweak context b, data context c), written whole to
- * fd at offset, then, if sock >= 0, as much of `reply` sent on it as goes without waiting.
- * (E, 0): the write failed with errno E, nothing sent; (0, n): it landed and n bytes of the
- * reply went; (0, -E): it landed but sending failed with errno E. OSError(EIO) if the cipher
- * failed. */
-static PyObject *units_seal(PyObject *self, PyObject *args) {
-    prepared r;
-    Py_buffer buf, ivs, reply;
-    Py_ssize_t skip;
-    int fd, sock;
-    long long offset;
-    if (!PyArg_ParseTuple(args, "pKKKw*y*nniLiy*", &r.xts, &r.a, &r.b, &r.c, &buf, &ivs,
-                          &r.unit_size, &skip, &fd, &offset, &sock, &reply))
-        return NULL;
-    const char *problem = check_prepared(&r, &buf, &ivs);
-    if (problem == NULL && (offset < 0 || skip < 0 || skip > buf.len || skip % r.unit_size))
-        problem = "bad offset or skip";
-    if (problem != NULL) {
-        release(&buf, &ivs, &reply);
-        PyErr_SetString(PyExc_ValueError, problem);
-        return NULL;
-    }
-    unsigned char *p = buf.buf;
-    Py_ssize_t len = buf.len, sent = 0;
-    int failed, result = 0;
-    Py_BEGIN_ALLOW_THREADS;
-    failed = run_prepared(&r, p, skip / r.unit_size, (len - skip) / r.unit_size);
-    for (Py_ssize_t done = 0; !failed && done < len;) {
+/* Write all of p to fd at offset: 0, or the errno (EIO for a write that writes nothing, which
+ * would spin, as backends/file.py pwrite_all). */
+static int write_whole(int fd, const unsigned char *p, Py_ssize_t len, long long offset) {
+    for (Py_ssize_t done = 0; done < len;) {
         ssize_t n = pwrite(fd, p + done, (size_t)(len - done), (off_t)(offset + done));
         if (n > 0)
             done += n;
         else if (n == 0)
-            result = EIO; /* as pwrite_all: a write that writes nothing would spin */
+            return EIO;
         else if (errno != EINTR)
-            result = errno;
-        if (result)
-            break;
+            return errno;
     }
-    const char *out = reply.buf;
-    while (!failed && !result && sock >= 0 && sent < reply.len) {
-        ssize_t n = send(sock, out + sent, (size_t)(reply.len - sent), MSG_NOSIGNAL | MSG_DONTWAIT);
+    return 0;
+}
+
+/* Send what of out[0:len] goes without waiting: the bytes sent, or -errno. */
+static Py_ssize_t send_now(int sock, const char *out, Py_ssize_t len) {
+    Py_ssize_t sent = 0;
+    while (sent < len) {
+        ssize_t n = send(sock, out + sent, (size_t)(len - sent), MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n > 0)
             sent += n;
         else if (n == 0 || errno == EAGAIN || errno == EWOULDBLOCK)
             break; /* the client reads no replies: the caller sends the rest, holding nothing */
-        else if (n < 0 && errno != EINTR) {
-            sent = -errno;
-            break;
-        }
+        else if (errno != EINTR)
+            return -errno;
+    }
+    return sent;
+}
+
+/* land(xts, a, b, c, buf, ivs, unit_size, got, sock, stall_ms, within_ms, fd, offset, reply,
+ *      header) -> (got, code, errno, sent, header_bytes)
+ * A sealed write (server/threaded.py) in one call, the GIL let go once. xts false: run()'s
+ * loop with init a, update b, context c; true: xts() with update a, tweak context b, data
+ * context c. buf holds `got` bytes of the payload; the rest is received from `sock` and
+ * encrypted in place as it arrives, so the cipher runs while the client refills the socket
+ * (whose buffer holds less than one large payload); never waiting longer than stall_ms for
+ * the next bytes, nor than within_ms in all. Codes: 0 all received and encrypted; 1 the
+ * client stalled or was too slow (got // unit_size units encrypted); 2 it closed; 3 the
+ * cipher failed; -E the socket failed with errno E. On 0 the ciphertext is written whole to
+ * fd at offset (errno: 0, or why not); once it landed, what of `reply` goes without waiting
+ * is sent (sent: bytes, or -errno), and once all of it went, what there is (without waiting)
+ * of the next request's header is received into `header` (header_bytes). */
+static PyObject *units_land(PyObject *self, PyObject *args) {
+    prepared r;
+    Py_buffer buf, ivs, reply, header;
+    Py_ssize_t got;
+    int sock, stall_ms, fd;
+    long long within_ms, offset;
+    if (!PyArg_ParseTuple(args, "pKKKw*y*nniiLiLy*w*", &r.xts, &r.a, &r.b, &r.c, &buf, &ivs,
+                          &r.unit_size, &got, &sock, &stall_ms, &within_ms, &fd, &offset,
+                          &reply, &header))
+        return NULL;
+    const char *problem = check_prepared(&r, &buf, &ivs);
+    if (problem == NULL && (offset < 0 || got < 0 || got > buf.len || stall_ms < 0))
+        problem = "bad offset, count or wait";
+    if (problem != NULL) {
+        release(&buf, &ivs, &reply);
+        PyBuffer_Release(&header);
+        PyErr_SetString(PyExc_ValueError, problem);
+        return NULL;
+    }
+    unsigned char *p = buf.buf;
+    Py_ssize_t sent = 0, header_bytes = 0;
+    int code, failed = 0;
+    Py_BEGIN_ALLOW_THREADS;
+    code = receive_sealing(&r, p, buf.len, &got, sock, stall_ms, within_ms);
+    if (code == 0)
+        failed = write_whole(fd, p, buf.len, offset);
+    if (code == 0 && !failed)
+        sent = send_now(sock, reply.buf, reply.len);
+    if (code == 0 && !failed && sent == reply.len && header.len > 0) {
+        ssize_t n = recv(sock, header.buf, (size_t)header.len, MSG_DONTWAIT);
+        header_bytes = n > 0 ? n : 0; /* nothing there, or the socket's news: the caller reads */
     }
     Py_END_ALLOW_THREADS;
     release(&buf, &ivs, &reply);
-    if (failed < 0)
-        return PyErr_NoMemory();
-    if (failed)
-        return cipher_failed();
-    return Py_BuildValue("(in)", result, sent);
+    PyBuffer_Release(&header);
+    return Py_BuildValue("(nnini)", got, (Py_ssize_t)code, failed, sent, header_bytes);
 }
 
 /* ivs(first_lo, first_hi, step, bits, count) -> bytes
@@ -477,13 +475,10 @@ static PyMethodDef units_methods[] = {
     {"xts", units_xts, METH_VARARGS,
      "xts(update, tweak_ctx, data_ctx, src, dst, ivs, unit_size): AES-XTS of whole data units "
      "from two keyed ECB contexts, without the GIL."},
-    {"stream", units_stream, METH_VARARGS,
-     "stream(xts, a, b, c, buf, ivs, unit_size, sock, stall_ms, within_ms) -> (got, code): a "
-     "write payload "
-     "received and encrypted in place as it arrives, without the GIL."},
-    {"seal", units_seal, METH_VARARGS,
-     "seal(xts, a, b, c, buf, ivs, unit_size, skip, fd, offset, sock, reply) -> (errno, sent): a sealed "
-     "write encrypted in place, written to its file and its reply sent, without the GIL."},
+    {"land", units_land, METH_VARARGS,
+     "land(xts, a, b, c, buf, ivs, unit_size, got, sock, stall_ms, within_ms, fd, offset, reply, "
+     "header) -> (got, code, errno, sent, header_bytes): a sealed write received and encrypted "
+     "as it arrives, written, answered, and the next header read, without the GIL."},
     {"ivs", units_ivs, METH_VARARGS,
      "ivs(first_lo, first_hi, step, bits, count) -> bytes: little-endian IV blocks."},
     {NULL, NULL, 0, NULL},

@@ -20,7 +20,7 @@ def xts(
     unit_size: int,
     /,
 ) -> None: ...
-def seal(
+def land(
     xts: bool,
     a: int,
     b: int,
@@ -28,24 +28,14 @@ def seal(
     buf: bytearray | memoryview,
     ivs: bytes,
     unit_size: int,
-    skip: int,
-    fd: int,
-    offset: int,
-    sock: int,
-    reply: bytes,
-    /,
-) -> tuple[int, int]: ...
-def stream(
-    xts: bool,
-    a: int,
-    b: int,
-    c: int,
-    buf: bytearray | memoryview,
-    ivs: bytes,
-    unit_size: int,
+    got: int,
     sock: int,
     stall_ms: int,
     within_ms: int,
+    fd: int,
+    offset: int,
+    reply: bytes,
+    header: memoryview,
     /,
-) -> tuple[int, int]: ...
+) -> tuple[int, int, int, int, int]: ...
 def ivs(first_lo: int, first_hi: int, step: int, bits: int, count: int, /) -> bytes: ...

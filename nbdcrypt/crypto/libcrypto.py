@@ -29,14 +29,12 @@ from nbdcrypt.crypto.batch import BLOCK, U64, Buffer
 from nbdcrypt.threadrole import unlocked
 
 try:
+    from nbdcrypt.crypto._units import land as _c_land
     from nbdcrypt.crypto._units import run as _c_loop
-    from nbdcrypt.crypto._units import seal as _c_seal
-    from nbdcrypt.crypto._units import stream as _c_stream
     from nbdcrypt.crypto._units import xts as _c_xts
 except ImportError:  # installed without a compiler: UnitEngine's Python loop
+    _c_land = None  # type: ignore[assignment]
     _c_loop = None  # type: ignore[assignment]
-    _c_seal = None  # type: ignore[assignment]
-    _c_stream = None  # type: ignore[assignment]
     _c_xts = None  # type: ignore[assignment]
 
 _VP = ctypes.c_void_p
@@ -144,58 +142,41 @@ class InPlace:
         function = _c_xts if self._xts else _c_loop
         _c_direct(function, *self._undo, buffer, buffer, self._ivs, self._unit_size)
 
-    def stream(
-        self, buffer: bytearray | memoryview, sock: int, stall_ms: int, within_ms: int
-    ) -> tuple[int, int]:
-        """Receive `buffer` whole from `sock`, running the request over its units as they
-        arrive (_units.c stream()): (bytes received, code). Code 0: all in and done; 1: the
-        sender was silent for stall_ms, or not done within within_ms, and what was done to
-        the bytes received is taken back (they are as sent); 2: it closed; 3: the cipher
-        failed; -errno: the socket's."""
+    def land(
+        self,
+        buffer: bytearray | memoryview,
+        got: int,
+        sock: int,
+        *,
+        stall_ms: int,
+        within_ms: int,
+        fd: int,
+        offset: int,
+        reply: bytes,
+        header: memoryview,
+    ) -> tuple[int, int, int, int, int]:
+        """A sealed write in one C call (_units.c land()): `buffer` holds `got` bytes of the
+        payload; the rest is received from `sock`, all of it run through the request as it
+        arrives, written to `fd` at `offset`, `reply` sent and the next header read into
+        `header` as far as each goes without waiting. (Bytes received; code: 0 all in, 1 the
+        sender was silent for stall_ms or not done within within_ms, and what was done to the
+        bytes received is taken back, they are as sent; 2 it closed; 3 the cipher failed;
+        -errno the socket's. The write's errno or 0; the reply's bytes sent, or -errno; the
+        header's bytes received.)"""
         a, b, c = self._args
-        got, code = _c_stream(
-            self._xts, a, b, c, buffer, self._ivs, self._unit_size, sock, stall_ms, within_ms
-        )
+        landed = _c_land(
+            self._xts, a, b, c, buffer, self._ivs, self._unit_size, got, sock,
+            stall_ms, within_ms, fd, offset, reply, header,
+        )  # fmt: skip
+        got, code = landed[0], landed[1]
         if code == 1:
             try:
                 self.undo(memoryview(buffer)[: got - got % self._unit_size])
             except OSError:
-                code = 3
+                return got, 3, 0, 0, 0
         if code == 3:
             _lib.ERR_clear_error()
-        return got, code
-
-    def seal(
-        self,
-        buffer: bytearray | memoryview,
-        skip: int,
-        *,
-        fd: int,
-        offset: int,
-        sock: int,
-        reply: bytes,
-    ) -> tuple[int, int]:
-        """Run the request over `buffer` past its first `skip` bytes (stream() did those),
-        write it whole to `fd` at `offset` and, if `sock` is not -1, send as much of `reply`
-        on it as goes without waiting: one C call (_units.c seal()). (E, 0): the write failed
-        with errno E, nothing sent; (0, n): it landed, n bytes of the reply went; (0, -E): it
-        landed but the send failed with errno E."""
-        try:
-            return _c_seal(
-                self._xts,
-                *self._args,
-                buffer,
-                self._ivs,
-                self._unit_size,
-                skip,
-                fd,
-                offset,
-                sock,
-                reply,
-            )
-        except OSError:
-            _lib.ERR_clear_error()
-            raise
+        return landed
 
 
 def address(buffer: Buffer | U64) -> tuple[int, object]:

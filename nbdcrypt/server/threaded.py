@@ -223,7 +223,8 @@ class ThreadTransport(asyncio.Transport):
             if protocol.splice_ready and (protocol.splices or protocol.seals):
                 target = protocol.splice_target()  # a payload to land in its file ourselves
                 if target is not None and target.begin is not None:
-                    if self._seal(protocol, target, out) or self._received(protocol, 0):
+                    n = self._seal(protocol, target, out)  # -1: the client closed
+                    if n == 0 or self._received(protocol, max(n, 0)):
                         continue
                     return
                 if target is not None and not self._has_pipe():
@@ -298,14 +299,13 @@ class ThreadTransport(asyncio.Transport):
             return 0, None, 0
         return length, failed, time.monotonic_ns() - began
 
-    def _seal(self, protocol: Connection, target: SpliceTarget, out: Sequence[Buffer]) -> bool:
+    def _seal(self, protocol: Connection, target: SpliceTarget, out: Sequence[Buffer]) -> int:
         """Land a sealed write, the server lock held but let go for the socket and the cipher.
         Nothing queued to send: begin() takes what the write needs (a keyslot) and the payload
-        is encrypted as it arrives (_stream). Else, or if the client stalls inside it: send
-        `out`, receive the rest; then begin(), encrypt it in place. Either way then write it
-        to its file and send its reply, give back what begin() took, count the write. A write
-        begin() refuses takes the ordinary path, payload received. False if the client closed
-        inside the payload."""
+        is encrypted as it arrives (_land). Else, or if the client stalls inside it: send
+        `out`, receive the rest; then begin(), and _land encrypts it in place. A write
+        begin() refuses takes the ordinary path, payload received. -1 if the client closed
+        inside the payload; else the bytes of the next header read after it."""
         buf, begin = target.buffer, target.begin
         assert buf is not None and begin is not None
         length, lock = target.length, self._lock
@@ -313,11 +313,11 @@ class ThreadTransport(asyncio.Transport):
         got, code = 0, 1
         sealing = None if out else begin()
         if sealing is not None:
-            got, code = self._stream(sealing, buf)
+            got, code, header = self._land(protocol, target, sealing, 0, began)
             if code == 0:
-                return self._land(protocol, target, sealing, length, began)
+                return header
             if code == 2:
-                return False
+                return -1
             if code < 0:
                 raise OSError(-code, os.strerror(-code))
         lock.release()
@@ -330,83 +330,83 @@ class ThreadTransport(asyncio.Transport):
         if out:
             self._room()
         if got < length:
-            return False
+            return -1
         if code == 3:  # the payload is taken whole; the client gets the cipher's EIO
             failed = OSError(errno.EIO, "libcrypto: the cipher failed")
             protocol.payload_spliced(True, failed, time.monotonic_ns() - began)
-            return True
+            return 0
         sealing = begin()
         if sealing is None:
             protocol.payload_arrived(length)
-            return True
-        return self._land(protocol, target, sealing, 0, began)
-
-    def _stream(self, sealing: Sealing, buf: memoryview) -> tuple[int, int]:
-        """Receive a sealed write's payload, encrypting it as it arrives, with no lock held
-        (InPlace.stream): (bytes received, its code). Unless all went well (code 0) what
-        begin() took is given back at once: a client that stalls inside a payload for
-        STALL_MS, or sends it slower than STREAM_FLOOR, holds no keyslot meanwhile (what was
-        encrypted is decrypted back, the slot still held, and the rest is received the
-        ordinary way), so a tenant that trickles its payloads cannot keep a slot from others."""
-        lock, got, code = self._lock, 0, 3
-        lock.release()
-        try:
-            within = STALL_MS + len(buf) // STREAM_FLOOR
-            got, code = sealing.encrypt.stream(buf, self._fileno, STALL_MS, within)
-        finally:
-            lock.acquire()
-            if code:
-                sealing.done()
-        return got, code
+            return 0
+        return self._land(protocol, target, sealing, length, began)[2]
 
     def _land(
-        self, protocol: Connection, target: SpliceTarget, sealing: Sealing, skip: int, began: int
-    ) -> bool:
-        """A sealed write's payload in (its first `skip` bytes encrypted): with no lock held,
-        encrypt the rest, write it to its file and send what of its reply goes without
-        waiting, in one C call (the send lock taken if free); then give back what begin()
-        took and count the write. What is left of the reply goes after that: a client that
-        reads no replies keeps no keyslot from others."""
-        buf, reply = target.buffer, target.reply
+        self, protocol: Connection, target: SpliceTarget, sealing: Sealing, got: int, began: int
+    ) -> tuple[int, int, int]:
+        """With no lock held, one C call (InPlace.land): receive the rest of the payload
+        (`got` bytes are in) encrypting it as it arrives, write it to its file, send what of
+        its reply goes without waiting (the send lock taken if free) and read what is there
+        of the next header; then give back what begin() took and, if the payload is in,
+        count the write and send the rest of its reply. (Bytes received; the code, 0 once the
+        write is done with; bytes of the next header read.)
+
+        Unless the payload came in whole, what begin() took is given back at once: a client
+        that stalls inside a payload for STALL_MS, or sends it slower than STREAM_FLOOR,
+        holds no keyslot meanwhile (what was encrypted is decrypted back, the slot still
+        held, and the rest is received the ordinary way), and one that reads no replies gets
+        the rest of its reply after the slot is back."""
+        buf, reply, lock = target.buffer, target.reply, self._lock
         assert buf is not None
-        failed = broke = None
-        sent, lock = 0, self._lock
+        code, err, sent, header, keep = 3, 0, 0, 0, False
         lock.release()
         try:
             sending = self._send_lock.acquire(blocking=False)
             try:
-                sock = self._fileno if sending else -1
-                code, sent = sealing.encrypt.seal(
-                    buf, skip, fd=target.fd, offset=target.offset, sock=sock, reply=reply
+                got, code, err, sent, header = sealing.encrypt.land(
+                    buf,
+                    got,
+                    self._fileno,
+                    stall_ms=STALL_MS,
+                    within_ms=STALL_MS + len(buf) // STREAM_FLOOR,
+                    fd=target.fd,
+                    offset=target.offset,
+                    reply=reply if sending else b"",
+                    header=protocol.header_buffer,
                 )
-            except OSError as exc:
-                code, failed = 0, exc  # the cipher failed: the client gets EIO
-            if code:
-                failed = OSError(code, os.strerror(code))  # the client gets the file's error
-            elif sent < 0:
-                broke = OSError(-sent, os.strerror(-sent))
-            if sending and (failed or broke or sent == len(reply)):
-                sending = False
-                self._send_lock.release()
+                keep = sending and code == 0 and not err and 0 <= sent < len(reply)
+            finally:
+                if sending and not keep:
+                    self._send_lock.release()
         finally:
             lock.acquire()  # (after the send lock, as _drain takes them)
             sealing.done()
+        failed = None
+        if code == 3 and got == len(buf):  # the payload is in: the client gets the cipher's EIO
+            code, failed = 0, OSError(errno.EIO, "libcrypto: the cipher failed")
+        if code:
+            return got, code, 0
+        if err:
+            failed = OSError(err, os.strerror(err))  # the client gets the file's error
         protocol.payload_spliced(True, failed, time.monotonic_ns() - began)
-        if failed is None and broke is None and sent < len(reply):
-            broke = self._reply_rest(reply, sent, sending)
+        broke = None
+        if sent < 0:
+            broke = OSError(-sent, os.strerror(-sent))
+        elif not failed and (keep or not sending):
+            broke = self._reply_rest(memoryview(reply)[sent:] if keep else reply, keep)
         if broke is not None:
             raise broke
-        return True
+        return got, 0, header
 
-    def _reply_rest(self, reply: bytes, sent: int, holding: bool) -> OSError | None:
-        """The rest of a sealed write's reply from `sent` on, the server lock let go: under
-        the send lock this thread holds (`holding`, let go after) or takes."""
+    def _reply_rest(self, rest: Buffer, holding: bool) -> OSError | None:
+        """The rest of a sealed write's reply, the server lock let go: under the send lock
+        this thread holds (`holding`, let go after) or takes. The socket's error, if any."""
         self._lock.release()
         try:
             if not holding:
-                return self._reply(reply)
+                return self._reply(rest)
             try:
-                _send_all(self._sock, (memoryview(reply)[sent:],))
+                _send_all(self._sock, (rest,))
             finally:
                 self._send_lock.release()
         except OSError as exc:
@@ -427,7 +427,7 @@ class ThreadTransport(asyncio.Transport):
             got += n
         return got
 
-    def _reply(self, reply: bytes) -> OSError | None:
+    def _reply(self, reply: Buffer) -> OSError | None:
         """Send a landed write's reply from this thread, outside the outbox (so not counted in
         the write buffer), under the send lock; the socket's error, if any."""
         try:
