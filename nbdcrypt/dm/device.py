@@ -159,7 +159,7 @@ class MappedDevice(PieceMapper):
         sealed = target.seal_target(within, length)
         if sealed is None:
             return None
-        return sealed._replace(begin=partial(self._begin_seal, sealed.begin))
+        return SealTarget(sealed.fd, sealed.offset, partial(self._begin_seal, sealed.begin))
 
     def _begin_seal(self, begin: Callable[[], Sealing | None]) -> Sealing | None:
         """The target's begin(), unless the device was suspended meanwhile (then the
