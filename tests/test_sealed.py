@@ -5,8 +5,9 @@ What is checked: the file holds exactly blk-crypto's ciphertext (an independent 
 AES-XTS from `cryptography`) through an engine with keyslots, one without, and the software
 fallback, and dm-crypt's through a crypt table, with both unit sizes; the close lines count
 the writes sealed; the keyslot a sealed write held is given back whatever became of the write
-(landed or refused by the file), and a client stalled inside a payload holds none, which a
-one-slot engine shared by two keys would otherwise show as a hang; a suspended table holds
+(landed or refused by the file), and a client stalled inside a payload or reading no replies
+holds none, which a one-slot engine shared by two keys would otherwise show as a hang; a
+suspended table holds
 sealed writes; and what must take the ordinary path does.
 """
 

@@ -173,7 +173,7 @@ class FileDevice(Device):
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int, flags: int = 0) -> None:
     """Write all of `data` to `fd` at `offset`; a short write goes on where it stopped (as
-    _units.c seal() does for a sealed write's ciphertext)."""
+    _units.c land() does for a sealed write's ciphertext)."""
     size, view, done = len(data), data, 0
     while True:
         n = os.pwritev(fd, (view,), offset + done, flags)
