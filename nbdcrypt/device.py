@@ -46,9 +46,9 @@ class Sealing(NamedTuple):
 
 class SealTarget(NamedTuple):
     """An encrypted write its caller finishes itself (server/threaded.py, "Sealed writes"):
-    once the payload is received, `begin()` (server lock held) gives its Sealing, or None if
-    write() must take it after all (its keyslot only after a wait); the caller encrypts the
-    payload and writes the ciphertext to `fd` at `offset`."""
+    `begin()` (server lock held) gives its Sealing, or None if write() must take it after all
+    (its keyslot only after a wait); the caller encrypts the payload and writes the
+    ciphertext to `fd` at `offset`."""
 
     fd: int
     offset: int

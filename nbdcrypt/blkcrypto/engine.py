@@ -94,8 +94,8 @@ class InlineCryptoDevice(Device):
     ) -> SealTarget | None:
         """A write of `key` at `dun` its caller encrypts in place and writes to the file below
         itself; None where write() must run (no support for the key). Its keyslot is taken
-        only once the payload is in (_begin_seal): a client that stalls inside a payload
-        holds no slot another tenant waits for."""
+        by begin() (_begin_seal) only if it need not wait; how long the caller may hold it
+        while the payload arrives is bounded there (server/threaded.py, STALL_MS)."""
         if not self.inline_seals or not self.crypto_caps.supports(key):
             return None
         if length % key.data_unit_size or not UnitCipher.encrypts_in_place(key):

@@ -10,8 +10,8 @@
  *
  * Python gives the addresses of libcrypto's EVP_CipherInit_ex and EVP_CipherUpdate (found by
  * ctypes) and of keyed EVP_CIPHER_CTXs, so this module needs only Python.h to build and links
- * against nothing (land() adds only libc's recv, poll, pwrite and send). The event loop or another thread
- * runs while the cipher works.
+ * against nothing (land() adds only libc's recv, poll, pwrite and send). The event loop or
+ * another thread runs while the cipher works.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -170,7 +170,7 @@ class MappedDevice(PieceMapper):
         if sealing is None:
             return None
         self._inflight += 1
-        return sealing._replace(done=partial(self._end_seal, sealing.done))
+        return Sealing(sealing.encrypt, partial(self._end_seal, sealing.done))
 
     def _end_seal(self, done: Callable[[], None]) -> None:
         done()

@@ -419,7 +419,7 @@ class ThreadTransport(asyncio.Transport):
         """Receive `buf[got:length]`: returns `length`, or less if the client closed."""
         sock = self._sock
         if got < length:
-            got += sock.recv_into(buf[got:], length - got, MSG_WAITALL)
+            got += sock.recv_into(buf[got:] if got else buf, length - got, MSG_WAITALL)
         while 0 < got < length:  # a signal cut the wait short, or the client closed
             n = sock.recv_into(buf[got:], length - got, MSG_WAITALL)
             if not n:
